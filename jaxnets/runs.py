@@ -1,0 +1,454 @@
+"""Run directories and the experiment command line.
+
+A run directory holds everything one experiment run produces::
+
+    RUN/
+      config.json      the Config the run was started with (resuming checks it matches)
+      metrics.jsonl    one JSON record per logged step (written by `jaxnets.train`)
+      checkpoints/     orbax checkpoints, newest kept (written by `jaxnets.train`)
+      results.json     the numbers the experiment exists to produce
+      DONE             written last: the run finished (JSON: runtime, finish time)
+      *.png            plots
+      SUB/             sub-runs (one model / seed each), the same layout, resumable alone
+
+An experiment is a module ``experiments/NAME.py`` with
+
+- a docstring whose first line is a one-line description;
+- ``Config``: a frozen dataclass (with a ``seed: int`` field) whose docstring gives the
+  command line, the laptop runtime and the expected result;
+- ``QUICK``: dict of Config overrides for ``--quick`` (well under 2 minutes on 2 cores);
+- ``TOUR``: dict of Config overrides for ``python -m experiments.tour``;
+- ``run(cfg, run_dir) -> dict`` (the results, JSON-serialisable);
+- ``report(results, run_dir) -> str``: markdown for the tour report;
+- optional ``TOUR_ORDER: int`` (default 100; lower runs first);
+- ``if __name__ == "__main__": runs.main(__name__)``.
+
+`main` turns ``Config`` into an argparse command line; `run_experiment` is the same thing
+for programs (the tour, tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RunDir",
+    "RunError",
+    "build_parser",
+    "config_from_args",
+    "load_module",
+    "main",
+    "run_experiment",
+    "experiment_name",
+]
+
+TIMING_KEYS = ("steps_per_sec", "examples_per_sec", "wall_time", "elapsed_s")
+
+
+class RunError(RuntimeError):
+    """A run directory cannot be used as asked (finished, or started with another config)."""
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy / jax scalars and arrays reach results dicts all the time.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__} ({obj!r:.80})")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temp file + rename), so a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSON-lines file; a torn last line (killed mid-write) is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+class RunDir:
+    """One run directory (see the module docstring for the layout).
+
+    Args:
+      path: the directory; created if missing.
+      devices: data-parallel device count that `jaxnets.train` uses by default for runs in
+        this directory (a runtime option, not part of the config).
+      progress: show tqdm progress bars.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, devices: int = 1, progress: bool = True):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.devices = int(devices)
+        self.progress = bool(progress)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # -- files ---------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def plot_path(self, name: str) -> Path:
+        """Path of a PNG plot in this run, e.g. ``run_dir.plot_path("loss")`` -> RUN/loss.png."""
+        return self.path / (name if name.endswith(".png") else name + ".png")
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """True once `finish` has written results.json and the DONE marker."""
+        return (self.path / "DONE").exists()
+
+    def results(self) -> dict:
+        """The results.json of a finished run."""
+        if not self.results_path.exists():
+            raise RunError(f"{self.path} has no results.json (the run has not finished)")
+        return read_json(self.results_path)
+
+    def finish(self, results: Mapping[str, Any], runtime_s: float | None = None) -> None:
+        """Write results.json, then the DONE marker (in that order, each atomically)."""
+        write_json(self.results_path, dict(results))
+        info = {"finished": _dt.datetime.now().isoformat(timespec="seconds")}
+        if runtime_s is not None:
+            info["runtime_s"] = float(runtime_s)
+        write_json(self.path / "DONE", info)
+
+    def info(self) -> dict:
+        """The DONE marker's content ({} if unfinished)."""
+        return read_json(self.path / "DONE") if self.done else {}
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append one record to metrics.jsonl (flushed, so a kill loses at most this line)."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(dict(record), default=_json_default) + "\n")
+
+    def metrics(self) -> list[dict]:
+        """All records of metrics.jsonl."""
+        return read_jsonl(self.metrics_path)
+
+    # -- sub-runs ------------------------------------------------------------------------
+    def sub(self, name: str) -> RunDir:
+        """A sub-run directory RUN/name with the same runtime options."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"sub-run name must be a plain directory name, got {name!r}")
+        return RunDir(self.path / name, devices=self.devices, progress=self.progress)
+
+    def sub_run(self, name: str, fn: Callable[[RunDir], Mapping[str, Any]]) -> dict:
+        """Run ``fn(sub)`` in sub-run ``name`` unless it already finished; return its results.
+
+        An unfinished sub-run is re-entered, so `jaxnets.train` resumes it from its checkpoint.
+        """
+        sub = self.sub(name)
+        if sub.done:
+            return sub.results()
+        t0 = time.perf_counter()
+        results = dict(fn(sub))
+        sub.finish(results, runtime_s=time.perf_counter() - t0)
+        return results
+
+
+# --- experiment modules ---------------------------------------------------------------------
+
+
+def load_module(module: str | types.ModuleType) -> types.ModuleType:
+    """An experiment module from itself, its import name, or a short name (``"demo"``)."""
+    if isinstance(module, types.ModuleType):
+        return module
+    if module == "__main__":
+        return sys.modules["__main__"]
+    if "." not in module:
+        module = f"experiments.{module}"
+    return importlib.import_module(module)
+
+
+def experiment_name(module: types.ModuleType) -> str:
+    """Short name of an experiment module: ``experiments.demo`` -> ``demo``."""
+    spec = getattr(module, "__spec__", None)
+    name = spec.name if spec is not None else module.__name__
+    return name.rsplit(".", 1)[-1]
+
+
+def _check_protocol(module: types.ModuleType) -> None:
+    missing = [a for a in ("Config", "run") if not hasattr(module, a)]
+    if missing:
+        raise TypeError(f"experiment module {module.__name__} lacks {', '.join(missing)}")
+    cfg_cls = module.Config
+    if not (dataclasses.is_dataclass(cfg_cls) and cfg_cls.__dataclass_params__.frozen):
+        raise TypeError(f"{module.__name__}.Config must be a frozen dataclass")
+    if "seed" not in {f.name for f in dataclasses.fields(cfg_cls)}:
+        raise TypeError(f"{module.__name__}.Config must have a `seed: int` field")
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], True
+    return tp, False
+
+
+def _parser_for(tp: Any, name: str) -> tuple[Callable[[str], Any], dict]:
+    """(converter, extra argparse kwargs) for one Config field type."""
+    tp, optional = _strip_optional(tp)
+    origin = typing.get_origin(tp)
+    extra: dict = {}
+
+    def maybe_none(conv):
+        if not optional:
+            return conv
+        return lambda s: None if s.lower() == "none" else conv(s)
+
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        conv = type(choices[0])
+        extra["choices"] = list(choices)
+        return maybe_none(conv), extra
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        elem = args[0] if args else str
+        extra["nargs"] = "*"
+        return maybe_none(elem), extra
+    if tp in (int, float, str):
+        return maybe_none(tp), extra
+    raise TypeError(f"Config field {name!r}: unsupported type {tp!r} for the command line")
+
+
+def build_parser(module: types.ModuleType) -> argparse.ArgumentParser:
+    """argparse parser from the module's Config: one flag per field, plus the run flags."""
+    _check_protocol(module)
+    cfg_cls = module.Config
+    name = experiment_name(module)
+    desc = (module.__doc__ or name).strip()
+    epilog = (cfg_cls.__doc__ or "").strip()
+    p = argparse.ArgumentParser(
+        prog=f"python -m experiments.{name}",
+        description=desc,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    hints = typing.get_type_hints(cfg_cls)
+    defaults = cfg_cls()
+    g = p.add_argument_group("config (defaults shown; --quick applies QUICK first)")
+    for f in dataclasses.fields(cfg_cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        tp = hints[f.name]
+        if _strip_optional(tp)[0] is bool:
+            g.add_argument(
+                flag, action=argparse.BooleanOptionalAction, dest=f.name,
+                help=f"(default: {default})",
+            )
+            continue
+        conv, extra = _parser_for(tp, f.name)
+        metavar = f.name.upper() if "choices" not in extra else None
+        g.add_argument(
+            flag, type=conv, dest=f.name, metavar=metavar, help=f"(default: {default})", **extra
+        )
+    r = p.add_argument_group("run")
+    r.add_argument("--quick", action="store_true", help="apply the small QUICK overrides")
+    r.add_argument(
+        "--workdir", type=str, help=f"run directory (default: runs/{name}/<timestamp>)"
+    )
+    r.add_argument(
+        "--overwrite", action="store_true",
+        help="start afresh in WORKDIR even if it holds a run (deletes that run)",
+    )
+    r.add_argument("--devices", type=int, help="data-parallel devices (default: 1)")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def config_from_args(
+    module: types.ModuleType, overrides: Mapping[str, Any] | None = None, quick: bool = False
+):
+    """``Config()`` with QUICK (if quick) then ``overrides`` applied; unknown keys raise."""
+    cfg_cls = module.Config
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    merged: dict = {}
+    if quick:
+        merged.update(getattr(module, "QUICK", {}))
+    merged.update(overrides or {})
+    unknown = sorted(set(merged) - names)
+    if unknown:
+        raise ValueError(
+            f"{module.__name__}.Config has no field(s) {unknown}; fields: {sorted(names)}"
+        )
+    hints = typing.get_type_hints(cfg_cls)
+    for k, v in list(merged.items()):
+        if typing.get_origin(_strip_optional(hints[k])[0]) is tuple and isinstance(v, list):
+            merged[k] = tuple(v)
+    return cfg_cls(**merged)
+
+
+def _config_json(cfg) -> dict:
+    # JSON round trip, so tuples compare equal to the lists read back from config.json.
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=_json_default))
+
+
+def _default_workdir(name: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / name / stamp
+
+
+def run_experiment(
+    module: str | types.ModuleType,
+    overrides: Mapping[str, Any] | None = None,
+    workdir: str | os.PathLike | None = None,
+    *,
+    quick: bool = False,
+    overwrite: bool = False,
+    if_done: str = "error",
+    devices: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Run an experiment module into ``workdir`` and return its results dict.
+
+    Args:
+      module: the module, its import name, or its short name (``"demo"``).
+      overrides: Config field values (applied after QUICK).
+      workdir: run directory; default ``runs/NAME/<timestamp>``.
+      quick: apply the module's QUICK overrides first.
+      overwrite: delete whatever run is in ``workdir`` and start afresh.
+      if_done: what to do when ``workdir`` holds a finished run: ``"error"`` (raise
+        `RunError`) or ``"load"`` (return its results without running).
+      devices: data-parallel device count passed to the run (``run_dir.devices``).
+      progress: show progress bars.
+
+    An unfinished run in ``workdir`` is resumed if its config.json equals this config, and
+    refused with `RunError` naming the differing fields otherwise.
+    """
+    if if_done not in ("error", "load"):
+        raise ValueError(f"if_done must be 'error' or 'load', got {if_done!r}")
+    module = load_module(module)
+    _check_protocol(module)
+    name = experiment_name(module)
+    cfg = config_from_args(module, overrides, quick)
+    path = Path(workdir) if workdir is not None else _default_workdir(name)
+    config = _config_json(cfg)
+
+    if path.exists() and any(path.iterdir()):
+        if overwrite:
+            shutil.rmtree(path)
+        else:
+            existing = RunDir(path)
+            if existing.done:
+                if if_done == "load":
+                    return existing.results()
+                raise RunError(
+                    f"{path} holds a finished run; pass --overwrite to replace it "
+                    f"or choose another --workdir"
+                )
+            if existing.config_path.exists():
+                old = read_json(existing.config_path)
+                if old != config:
+                    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                    lines = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+                    raise RunError(
+                        f"{path} holds an unfinished run with another config ({lines}); "
+                        f"resume it with the same flags, or pass --overwrite to start afresh"
+                    )
+            else:
+                raise RunError(
+                    f"{path} is not empty and is not a run directory (no config.json); "
+                    f"choose another --workdir"
+                )
+    run_dir = RunDir(path, devices=devices, progress=progress)
+    if not run_dir.config_path.exists():
+        write_json(run_dir.config_path, config)
+    t0 = time.perf_counter()
+    results = module.run(cfg, run_dir)
+    if not isinstance(results, Mapping):
+        raise TypeError(f"{module.__name__}.run must return a dict, got {type(results).__name__}")
+    results = json.loads(json.dumps(dict(results), default=_json_default))
+    run_dir.finish(results, runtime_s=time.perf_counter() - t0)
+    return results
+
+
+def main(module: str | types.ModuleType = "__main__", argv: list[str] | None = None) -> dict:
+    """Command-line entry of an experiment: ``if __name__ == "__main__": runs.main(__name__)``."""
+    module = load_module(module)
+    parser = build_parser(module)
+    args = vars(parser.parse_args(argv))
+    quick = args.pop("quick", False)
+    overwrite = args.pop("overwrite", False)
+    workdir = args.pop("workdir", None)
+    devices = args.pop("devices", 1)
+    progress = not args.pop("no_progress", False)
+    name = experiment_name(module)
+    path = Path(workdir) if workdir else _default_workdir(name)
+    print(f"[{name}] run directory: {path}", file=sys.stderr)
+    try:
+        results = run_experiment(
+            module, args, path, quick=quick, overwrite=overwrite, devices=devices,
+            progress=progress,
+        )
+    except RunError as e:
+        parser.exit(2, f"error: {e}\n")
+    if hasattr(module, "report"):
+        print(module.report(results, RunDir(path)))
+    else:
+        print(json.dumps(results, indent=2))
+    print(f"[{name}] results: {path / 'results.json'}", file=sys.stderr)
+    return results
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """Short number formatting for report tables (NaN-safe)."""
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{digits}g}"
+    return str(x)
