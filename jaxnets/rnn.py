@@ -56,8 +56,10 @@ def _affine(params: Params, x: Array, h: Array) -> tuple[Array, Array]:
     gi = x @ params["weight_ih"].T
     gh = h @ params["weight_hh"].T
     if "bias_ih" in params:
-        gi = gi + params["bias_ih"]
-        gh = gh + params["bias_hh"]
+        # explicit leading axes: the step works for any batch shape, rank promotion stays off
+        lead = (1,) * (gi.ndim - 1)
+        gi = gi + params["bias_ih"].reshape(lead + params["bias_ih"].shape)
+        gh = gh + params["bias_hh"].reshape(lead + params["bias_hh"].shape)
     return gi, gh
 
 
@@ -381,6 +383,12 @@ class _Recurrent(nn.Module):
         """
         self._validate_config()
         self._validate_inputs(x, initial_state, lengths)
+        existing = self.variables.get("params", {}).get("l0")
+        if existing is not None and existing["weight_ih"].shape[1] != x.shape[-1]:
+            raise ValueError(
+                f"x: expected {existing['weight_ih'].shape[1]} features (the layer's input "
+                f"size), got {x.shape[-1]} (x has shape {_shape(x)})"
+            )
         batch = x.shape[0]
         step = step_function(self)
         dtype = jnp.result_type(x, self.param_dtype)
@@ -392,7 +400,6 @@ class _Recurrent(nn.Module):
             outs = []
             for d in range(dirs):
                 idx = k * dirs + d
-                in_size = layer_in.shape[-1]
                 p = _CellParams(
                     gates=_GATES[self.mode],
                     hidden_size=self.hidden_size,
@@ -403,11 +410,6 @@ class _Recurrent(nn.Module):
                     param_dtype=self.param_dtype,
                     name=names[idx],
                 )()
-                if p["weight_ih"].shape[1] != in_size:
-                    raise ValueError(
-                        f"x: expected {p['weight_ih'].shape[1]} features (the layer's "
-                        f"input size), got {in_size} (x has shape {_shape(x)})"
-                    )
                 if initial_state is None:
                     carry0 = initial_carry(self, batch, dtype)
                 elif self.mode == "LSTM":
