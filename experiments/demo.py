@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxnets import plots, rnn, runs, train
+from jaxnets import data, plots, rnn, runs, train
 
 TOUR_ORDER = 0
 
@@ -77,11 +77,11 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
 
     tx = train.make_optimizer("adam", cfg.lr, clip_norm=cfg.clip_norm)
     trainer = train.Trainer(Classifier(cfg.cell, cfg.hidden), train.cross_entropy_loss, tx)
-    batch_fn = train.array_batch_fn(data_train, cfg.batch_size, cfg.seed)
+    batch_fn = data.Batches(data_train, cfg.batch_size, seed=cfg.seed)
     state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
     result = trainer.fit(
         state, batch_fn, cfg.steps, run_dir=run_dir,
-        eval_batches=train.array_batches(data_test, 256), eval_every=cfg.eval_every,
+        eval_batches=lambda: data.eval_batches(data_test, 256), eval_every=cfg.eval_every,
         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, desc=f"demo {cfg.cell}",
     )
     plots.metric_curves(

@@ -14,8 +14,9 @@ The pieces, from the bottom up:
 Batches are dicts of arrays with the batch on the leading axis (``{"x": ..., "y": ...}``
 and optionally ``"mask"``). The loop asks for them by step, ``batch_fn(step) -> batch``, so
 the batch of step k is the same whether the run was interrupted or not: resuming from a
-checkpoint reproduces the uninterrupted run bit for bit. `array_batch_fn` builds such a
-function from in-memory arrays (a seeded permutation per epoch).
+checkpoint reproduces the uninterrupted run bit for bit. `jaxnets.data.Batches` is such a
+function over in-memory arrays (a seeded permutation per epoch); `jaxnets.data.eval_batches`
+gives padded eval batches with a ``mask`` that the losses and `evaluate` weight by.
 
 Randomness: ``state.rng`` is fixed for the run; the dropout key of step k is
 ``fold_in(rng, k)``, so it too depends only on the step.
@@ -56,13 +57,11 @@ __all__ = [
     "cross_entropy_loss",
     "mse_loss",
     "trainable_mask",
-    "array_batch_fn",
     "data_mesh",
     "TIMING_KEYS",
     "strip_timing",
     "tree_equal",
     "count_params",
-    "array_batches",
 ]
 
 Batch = Mapping[str, Any]
@@ -503,63 +502,24 @@ def _put_batch(batch: Batch, mesh, *, strict: bool):
 
 
 def evaluate(eval_step, state: TrainState, batches: Iterable[Batch], mesh=None) -> dict:
-    """Metrics of ``eval_step`` averaged over ``batches``, weighted by batch size."""
+    """Metrics of ``eval_step`` averaged over ``batches``.
+
+    Each batch's metrics are weighted by its number of examples, or by ``sum(mask)`` when the
+    batch has a ``"mask"`` (the losses here are mask-weighted means, so the result is the
+    mean over all real examples or tokens).
+    """
     sums: dict[str, float] = {}
-    total = 0
+    total = 0.0
     for batch in batches:
-        n = _batch_size(batch)
+        # Padded batches (jaxnets.data.eval_batches) count only their real examples/tokens.
+        n = float(np.sum(batch["mask"])) if "mask" in batch else _batch_size(batch)
         m = jax.device_get(eval_step(state, _put_batch(batch, mesh, strict=False)))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v) * n
         total += n
     if total == 0:
-        raise ValueError("evaluate: no eval batches")
+        raise ValueError("evaluate: no eval batches (or every mask is False)")
     return {k: v / total for k, v in sums.items()}
-
-
-# --- data ------------------------------------------------------------------------------------
-
-
-def array_batch_fn(
-    data: Mapping[str, np.ndarray], batch_size: int, seed: int
-) -> Callable[[int], dict]:
-    """``batch_fn(step)`` over in-memory arrays: epoch e is a permutation seeded by (seed, e).
-
-    Batch k is ``perm_e[i*B:(i+1)*B]`` with e, i = divmod(k, N // B) (the ragged tail of each
-    epoch is dropped), so it depends only on (seed, k): what resuming needs.
-    """
-    arrays = {k: np.asarray(v) for k, v in data.items()}
-    sizes = {k: v.shape[0] for k, v in arrays.items()}
-    n = next(iter(sizes.values()))
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"array_batch_fn: arrays disagree on the number of examples: {sizes}")
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"array_batch_fn: batch_size must be in 1..{n}, got {batch_size}")
-    per_epoch = n // batch_size
-    cache: dict[int, np.ndarray] = {}
-
-    def batch_fn(step: int) -> dict:
-        epoch, i = divmod(int(step), per_epoch)
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        idx = cache[epoch][i * batch_size : (i + 1) * batch_size]
-        return {k: v[idx] for k, v in arrays.items()}
-
-    batch_fn.steps_per_epoch = per_epoch
-    return batch_fn
-
-
-def array_batches(data: Mapping[str, np.ndarray], batch_size: int) -> Callable[[], Iterable[dict]]:
-    """Eval batches over in-memory arrays, in order, last batch possibly smaller."""
-    arrays = {k: np.asarray(v) for k, v in data.items()}
-    n = next(iter(arrays.values())).shape[0]
-
-    def batches():
-        for i in range(0, n, batch_size):
-            yield {k: v[i : i + batch_size] for k, v in arrays.items()}
-
-    return batches
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -667,7 +627,7 @@ class Trainer:
         return self._steps[devices]
 
     def evaluate(self, state: TrainState, batches: Iterable[Batch], devices: int = 1) -> dict:
-        """Eval metrics averaged over ``batches`` (weighted by batch size)."""
+        """Eval metrics averaged over ``batches`` (see `evaluate`)."""
         mesh, _, eval_step = self.steps(devices)
         if mesh is not None:
             state = jax.device_put(state, _shardings(mesh)[0])
