@@ -423,7 +423,7 @@ def make_train_step(
             for p, u, m in zip(leaves, upd_leaves, mask_leaves, strict=True)
         ]
         params = jax.tree.unflatten(treedef, new_leaves)
-        grad_norm = optax.global_norm(g_train)
+        grad_norm = optax.tree.norm(g_train)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = state.replace(
             params=params,
@@ -437,8 +437,8 @@ def make_train_step(
             "loss": loss.astype(jnp.float32),
             **{k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()},
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(params),
-            "update_norm": optax.global_norm(
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(
                 [u for u, m in zip(upd_leaves, mask_leaves, strict=True) if m]
             ),
             "finite": finite.astype(jnp.float32),
