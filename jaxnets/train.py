@@ -684,11 +684,11 @@ class Trainer:
             tmp = run_dir.metrics_path.with_suffix(".tmp")
             tmp.write_text("".join(_dumps(r) + "\n" for r in history))
             os.replace(tmp, run_dir.metrics_path)
+        # Own copies: the step donates its input, and the caller may still hold `state`
+        # (device_put alone may alias the caller's buffers).
+        state = jax.tree.map(jnp.array, state)
         if mesh is not None:
             state = jax.device_put(state, _shardings(mesh)[0])
-        else:
-            # Own copies: the step donates its input, and the caller may still hold `state`.
-            state = jax.tree.map(jnp.array, state)
 
         def emit(rec):
             history.append(rec)
