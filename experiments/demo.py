@@ -27,7 +27,7 @@ class Config:
     """Sign-of-the-sum classification with a recurrent network.
 
     Command line: ``python -m experiments.demo [--cell lstm] [--steps 800]``
-    Runtime: about 30 s on 2 laptop CPU cores (``--quick``: about 10 s).
+    Runtime: about 15 s on 2 laptop CPU cores (``--quick``: about 5 s).
     Expected: test accuracy >= 0.95 (GRU, default config); chance is 0.5.
     """
 
