@@ -430,6 +430,15 @@ def main(module: str | types.ModuleType = "__main__", argv: list[str] | None = N
     devices = args.pop("devices", 1)
     progress = not args.pop("no_progress", False)
     name = experiment_name(module)
+    if devices != 1:
+        import jax
+
+        if not 1 <= devices <= jax.device_count():
+            parser.error(
+                f"--devices {devices}: this machine has {jax.device_count()} "
+                f"{jax.default_backend()} device(s); on CPU, simulate N with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count=N"
+            )
     path = Path(workdir) if workdir else _default_workdir(name)
     print(f"[{name}] run directory: {path}", file=sys.stderr)
     try:

@@ -310,9 +310,10 @@ def make_optimizer(
         if schedule == "cosine":
             if total_steps is None:
                 raise ValueError("make_optimizer: schedule='cosine' needs total_steps")
-            lr = optax.warmup_cosine_decay_schedule(
-                0.0, lr, max(warmup_steps, 1) if warmup_steps else 0, max(total_steps, 1)
-            ) if warmup_steps else optax.cosine_decay_schedule(lr, max(total_steps, 1))
+            if warmup_steps:
+                lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, total_steps)
+            else:
+                lr = optax.cosine_decay_schedule(lr, total_steps)
         elif schedule == "constant":
             if warmup_steps:
                 lr = optax.join_schedules(
@@ -343,7 +344,11 @@ def data_mesh(devices: int) -> jax.sharding.Mesh:
     """1-D mesh over the first ``devices`` devices with axis name ``"data"``."""
     available = jax.device_count()
     if not 1 <= devices <= available:
-        raise ValueError(f"devices must be in 1..{available} (jax.device_count()), got {devices}")
+        raise ValueError(
+            f"devices must be in 1..{available} (jax.device_count() on "
+            f"{jax.default_backend()}), got {devices}; to simulate N CPU devices set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count=N before starting Python"
+        )
     return jax.make_mesh(
         (devices,), ("data",), devices=jax.devices()[:devices],
         axis_types=(jax.sharding.AxisType.Auto,),
