@@ -13,20 +13,22 @@ from jaxnets import data, train
 N_DEV = 8
 
 
-class ConvBN(nn.Module):
-    """Conv -> BatchNorm -> relu -> Dropout -> mean-pool -> Dense: every subtle case at once."""
+class BNNet(nn.Module):
+    """Dense -> BatchNorm -> relu -> Dropout -> Dense: BatchNorm's batch statistics are the
+    subtle case (they must be over the global batch, not each device's shard)."""
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        h = nn.Conv(8, (3, 3))(x)
+        h = nn.Dense(16)(x)
         h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
         h = nn.Dropout(0.25, deterministic=not train)(nn.relu(h))
-        return nn.Dense(3)(h.mean(axis=(1, 2)))
+        return nn.Dense(3)(h)
 
 
 def _batch(n=32, seed=0):
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((n, 6, 6, 2)).astype(np.float32),
+    # shifted inputs: batch statistics far from the running ones, so a per-shard mean would show
+    return {"x": (rng.standard_normal((n, 6)) + np.arange(6)[None, :]).astype(np.float32),
             "y": rng.integers(0, 3, n).astype(np.int32)}
 
 
@@ -35,7 +37,7 @@ def setup():
     assert jax.device_count() >= N_DEV, "conftest should provide 8 simulated CPU devices"
     # SGD, not Adam: Adam's first steps are ~lr * sign(g), which turns float rounding in tiny
     # gradient entries into O(lr) differences and would test Adam, not the sharding.
-    trainer = train.Trainer(ConvBN(), train.cross_entropy_loss, optax.sgd(0.1, momentum=0.9))
+    trainer = train.Trainer(BNNet(), train.cross_entropy_loss, optax.sgd(0.1, momentum=0.9))
     d = _batch(n=64, seed=1)
     batches = data.Batches(d, 32, seed=0)
     state = trainer.init(jax.random.key(0), batches(0))
@@ -52,8 +54,8 @@ def test_sharded_step_equals_single_device(setup):
     s1, m1 = single(jax.tree.map(jnp.array, state), batch)
     s8, m8 = sharded(jax.tree.map(jnp.array, state), batch)
     # the sharded step really ran data-parallel and kept the state replicated
-    assert s8.params["Conv_0"]["kernel"].sharding.is_fully_replicated
-    assert len(s8.params["Conv_0"]["kernel"].sharding.device_set) == N_DEV
+    assert s8.params["Dense_0"]["kernel"].sharding.is_fully_replicated
+    assert len(s8.params["Dense_0"]["kernel"].sharding.device_set) == N_DEV
     for k in m1:
         np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8), strict=True):

@@ -66,3 +66,25 @@ def test_unknown_only_name_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         tour.main(["--only", "nosuch", "--out", str(tmp_path)])
     assert e.value.code == 2 and "nosuch" in capsys.readouterr().err
+
+
+def test_plot_helpers_write_pngs_and_check_shapes(tmp_path):
+    import numpy as np
+
+    from jaxnets import plots
+
+    recs = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.5}, {"step": 3, "loss": 1.0}]
+    steps, vals = plots.series(recs, "loss")
+    assert steps.tolist() == [1, 3] and vals.tolist() == [2.0, 1.0]
+    paths = [
+        plots.metric_curves({"a": recs, "b": recs}, tmp_path / "m.png"),
+        plots.lines([1, 2, 3], {"x": [1, 2, 3]}, tmp_path / "l.png", bands={"x": [0.1] * 3}),
+        plots.bars({"cnn": 0.9, "gru": 0.8}, tmp_path / "b.png", reference={"cnn": 0.94}),
+        plots.heatmap(np.arange(6.0).reshape(2, 3), tmp_path / "h.png", log=True),
+    ]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="series 'x' has shape"):
+        plots.lines([1, 2], {"x": [1, 2, 3]}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="2-D"):
+        plots.heatmap(np.zeros(3), tmp_path / "bad.png")
