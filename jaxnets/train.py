@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import os
 import time
@@ -668,6 +669,11 @@ class Trainer:
         """
         if num_steps < 0:
             raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        for name, v in (("log_every", log_every), ("checkpoint_every", checkpoint_every)):
+            if v < 1:
+                raise ValueError(f"{name} must be a positive number of steps, got {v}")
+        if eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: only at the end), got {eval_every}")
         if run_dir is not None and not isinstance(run_dir, RunDir):
             run_dir = RunDir(run_dir)
         if devices is None:
@@ -687,7 +693,7 @@ class Trainer:
             # Records past the checkpoint belong to steps that will be redone.
             history = [r for r in run_dir.metrics() if r.get("step", 0) <= start]
             tmp = run_dir.metrics_path.with_suffix(".tmp")
-            tmp.write_text("".join(_dumps(r) + "\n" for r in history))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
             os.replace(tmp, run_dir.metrics_path)
         # Own copies: the step donates its input, and the caller may still hold `state`
         # (device_put alone may alias the caller's buffers).
@@ -758,12 +764,6 @@ class Trainer:
             if manager is not None:
                 manager.close()
         return FitResult(state=state, history=history)
-
-
-def _dumps(rec: dict) -> str:
-    import json
-
-    return json.dumps(rec)
 
 
 def strip_timing(records: Iterable[dict]) -> list[dict]:
