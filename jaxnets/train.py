@@ -662,7 +662,8 @@ class Trainer:
         at the end) an orbax checkpoint. With a ``run_dir`` holding a checkpoint, the latest
         one is restored first and metrics.jsonl is cut back to it, so the rest of the run (and
         the file) is what an uninterrupted run produces. A non-finite loss or gradient raises
-        `NonFiniteError`; the checkpoints on disk are all finite.
+        `NonFiniteError`; the checkpoints on disk are all finite. A ``state`` that has already
+        taken k updates (``state.step == k``) continues with step k, so consecutive fits chain.
 
         ``devices`` (default ``run_dir.devices`` or 1): data-parallel over that many devices,
         batch size must divide evenly. ``eval_batches()`` returns a fresh iterable of batches.
@@ -684,7 +685,8 @@ class Trainer:
 
         history: list[dict] = []
         manager = None
-        start = 0
+        # A state that has taken k updates goes on with step k, so fits chain (phases).
+        start = int(state.step)
         if run_dir is not None:
             manager = _checkpoint_manager(run_dir.checkpoint_dir)
             if manager.latest_step() is not None:
