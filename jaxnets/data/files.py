@@ -228,9 +228,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     dtype = _IDX_TYPES[type_code]
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
+        problem = "truncated" if len(raw) < expected else "trailing data"
         raise ValueError(
             f"{path}: header says shape {shape} of {dtype.name} ({expected} bytes with header) "
-            f"but the file has {len(raw)} bytes ({'truncated' if len(raw) < expected else 'trailing data'})"
+            f"but the file has {len(raw)} bytes ({problem})"
         )
     data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
     return data.astype(dtype.newbyteorder("="))
