@@ -457,3 +457,19 @@ def test_torchvision_names_and_shapes_of_full_models():
     assert v16["classifier.0.weight"] == (4096, 25088)
     assert v16["classifier.6.weight"] == (1000, 4096)
     assert torchvision_shapes(vgg16())["features.28.weight"] == (512, 512, 3, 3)
+
+
+def test_batchnorm_statistics_are_global_when_the_batch_is_sharded(key):
+    # Under jit with the batch split over 8 devices, train-mode BatchNorm still normalises with
+    # the statistics of the whole batch: outputs and running-stat updates equal one device's.
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    model = cifar_resnet(8, width=2)
+    x = jax.random.normal(key, (16, 8, 8, 3)) * 2.0 + 1.0
+    variables = init(model, key, x)
+    fn = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+    single = fn(variables, x)
+    mesh = jax.make_mesh((8,), ("data",))
+    sharded = fn(variables, jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))))
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

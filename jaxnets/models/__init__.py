@@ -8,6 +8,8 @@ Every model maps ``(batch, *spatial, channels)`` floats to logits ``(batch, num_
     logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
 
 Pick models by name with :func:`get_model` (``"vgg16_bn"``, ``"cifar_resnet56"``, ...).
+Measurements: :func:`receptive_field` (from the gradient of one output unit) and
+:func:`layer_grad_norms` (per-conv gradient norms, in forward order).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 
 from jaxnets.models.common import BatchNorm, adaptive_avg_pool, global_avg_pool
+from jaxnets.models.probes import conv_kernels, layer_grad_norms, receptive_field
 from jaxnets.models.resnet import (
     BasicBlock,
     Bottleneck,
@@ -85,10 +88,13 @@ __all__ = [
     "ResNet",
     "adaptive_avg_pool",
     "cifar_resnet",
+    "conv_kernels",
     "from_torchvision_state_dict",
     "get_model",
     "global_avg_pool",
+    "layer_grad_norms",
     "model_names",
+    "receptive_field",
     "resnet18",
     "resnet34",
     "resnet50",

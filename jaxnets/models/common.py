@@ -104,7 +104,7 @@ class BatchNorm(nn.Module):
 
     Variables: params ``scale`` (init 1; ``zero_init`` makes it 0) and ``bias`` (init 0);
     batch_stats ``mean`` (init 0) and ``var`` (init 1). Shapes: ``(..., C)`` -> ``(..., C)``.
-    Statistics are computed in float32 whatever the input dtype. Under ``jax.jit`` with the
+    Statistics are computed in float32 (float64 for float64 inputs). Under ``jax.jit`` with the
     batch sharded over devices, the means are global (synchronised BatchNorm for free).
     """
 
@@ -122,7 +122,8 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,))
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-        x32 = x.astype(jnp.float32)
+        # Statistics in float32 at least (bfloat16 inputs), float64 when x is float64.
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         shape = (1,) * (x.ndim - 1) + (channels,)  # explicit broadcasting: rank promotion is off
         if train:
             axes = tuple(range(x.ndim - 1))

@@ -70,7 +70,10 @@ def vgg_stages(cfg: Sequence[int | str]) -> list[tuple[tuple[int, ...], bool]]:
 
 
 class VGGStage(nn.Module):
-    """3x3 conv (+BN) + ReLU, repeated, then an optional downsample.
+    """k x k conv (+BN) + ReLU, repeated, then an optional downsample (k = ``kernel_size``, 3).
+
+    Padding k // 2 keeps the map size, so stacking is free: n stacked 3x3 layers see a
+    (2n + 1)-wide window, the receptive field of one (2n + 1) x (2n + 1) layer.
 
     ``(batch, *spatial, in)`` -> ``(batch, *spatial', widths[-1])`` with spatial' = spatial // 2
     after a 2x2 max-pool, ceil(spatial / 2) after a stride-2 conv, spatial without downsample.
@@ -81,13 +84,16 @@ class VGGStage(nn.Module):
     batch_norm: bool = False
     spatial_dims: int = 2
     dtype: Any = None
+    kernel_size: int = 3
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
+        k = self.kernel_size
+
         def conv_bn_relu(x, width, stride, name, bn_name):
             # torchvision keeps the conv bias even when BatchNorm follows (param parity).
             x = conv(
-                width, 3, stride, 1,
+                width, k, stride, k // 2,
                 spatial_dims=self.spatial_dims, use_bias=True, dtype=self.dtype, name=name,
             )(x)  # fmt: skip
             if self.batch_norm:
@@ -112,6 +118,7 @@ class VGGFeatures(nn.Module):
     downsample: str = "maxpool"
     spatial_dims: int = 2
     dtype: Any = None
+    kernel_size: int = 3
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -122,6 +129,7 @@ class VGGFeatures(nn.Module):
                 self.batch_norm,
                 self.spatial_dims,
                 self.dtype,
+                self.kernel_size,
                 name=f"stage{k}",
             )(x, train)
         return x
@@ -144,6 +152,8 @@ class VGG(nn.Module):
         and needs ``rngs={"dropout": key}``.
       spatial_dims: 2 for images ``(batch, H, W, C)``, 1 for sequences ``(batch, L, C)``.
       dtype: computation dtype (e.g. ``jnp.bfloat16`` on GPU); params stay float32.
+      kernel_size: the conv size, 3 in VGG (odd; padding kernel_size // 2 keeps the map
+        size). Other sizes exist for the receptive-field experiment's 5x5 and 7x7 baselines.
 
     ``train=True`` normalises with batch statistics (apply with ``mutable=["batch_stats"]``);
     ``train=False`` with the running averages.
@@ -159,10 +169,13 @@ class VGG(nn.Module):
     dropout: float = 0.5
     spatial_dims: int = 2
     dtype: Any = None
+    kernel_size: int = 3
 
     def __post_init__(self):
         check_spatial_dims(self.spatial_dims)
         vgg_stages(self.cfg)
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {self.kernel_size}")
         if self.downsample not in ("maxpool", "conv"):
             raise ValueError(f"downsample must be 'maxpool' or 'conv', got {self.downsample!r}")
         if self.head not in ("imagenet", "small"):
@@ -191,6 +204,7 @@ class VGG(nn.Module):
             self.downsample,
             self.spatial_dims,
             self.dtype,
+            self.kernel_size,
             name="features",
         )(x, train)
         head = VGGImageNetHead if self.head == "imagenet" else VGGSmallHead
