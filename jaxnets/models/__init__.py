@@ -1,4 +1,5 @@
-"""CNN model zoo: VGG and ResNet families (2D images and 1D sequences), PyTorch weight import.
+"""CNN model zoo: VGG and ResNet families (2D images and 1D sequences), PyTorch weight import,
+and the small MNIST-1D baselines (``jaxnets.models.small``).
 
 Every model maps ``(batch, *spatial, channels)`` floats to logits ``(batch, num_classes)``::
 
@@ -31,6 +32,15 @@ from jaxnets.models.resnet import (
     resnet50,
     resnet101,
     resnet152,
+)
+from jaxnets.models.small import (
+    MLP,
+    MNIST1D_MODELS,
+    ConvNet1D,
+    Ensemble,
+    GRUClassifier,
+    LogisticRegression,
+    mnist1d_model,
 )
 from jaxnets.models.torch_import import (
     from_torchvision_state_dict,
@@ -80,6 +90,15 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
+    # MNIST-1D baselines (jaxnets.models.small)
+    "MLP",
+    "MNIST1D_MODELS",
+    "ConvNet1D",
+    "Ensemble",
+    "GRUClassifier",
+    "LogisticRegression",
+    "mnist1d_model",
+    # CNN families
     "CFGS",
     "VGG",
     "BasicBlock",
