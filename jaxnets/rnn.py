@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from jaxnets.ops.recurrent import DEFAULT_CHUNK, fused_scan
+
 __all__ = [
     "RNN",
     "LSTM",
@@ -129,6 +131,10 @@ def gru_step(
 
 _GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
 
+# "fused": jaxnets.ops.recurrent.fused_scan, a custom VJP (the default: faster on CPU);
+# "scan": jax.grad straight through lax.scan of the step function (the reference).
+IMPLS = ("fused", "scan")
+
 
 def step_function(layer: _Recurrent) -> Callable:
     """The pure ``step(params, carry, x) -> (carry, y)`` of ``layer``'s cell."""
@@ -160,6 +166,7 @@ def scan_layer(
     lengths: Int[Array, " batch"] | None = None,
     reverse: bool = False,
     return_carries: bool = False,
+    remat_chunk: int = 0,
 ) -> ScanResult:
     """Unroll ``step`` over time with ``jax.lax.scan`` (batch-first in and out).
 
@@ -167,6 +174,11 @@ def scan_layer(
     the carry of sequence b stops changing and its output is exactly zero, so the forward
     direction ends at each sequence's own last step and the reverse direction
     (``reverse=True``) starts there.
+
+    ``remat_chunk = k > 0`` rematerialises: time is scanned in chunks of k steps, each
+    under ``jax.checkpoint``, so the backward pass keeps the carries at chunk boundaries
+    and recomputes a chunk's steps when it reaches them (memory O(T/k + k) steps instead
+    of O(T), for one more forward pass). Values and gradients are unchanged.
     """
     xs = jnp.swapaxes(x, 0, 1)  # (time, batch, features)
     n_time = xs.shape[0]
@@ -176,7 +188,7 @@ def scan_layer(
             carry, y = step(params, carry, x_t)
             return carry, (y, carry if return_carries else None)
 
-        final, (ys, cs) = jax.lax.scan(body, carry0, xs, reverse=reverse)
+        final, (ys, cs) = _scan(body, carry0, xs, reverse, remat_chunk)
     else:
         mask = jnp.arange(n_time)[:, None] < lengths[None, :]  # (time, batch)
 
@@ -188,10 +200,36 @@ def scan_layer(
             y = jnp.where(keep, y, jnp.zeros_like(y))
             return new, (y, new if return_carries else None)
 
-        final, (ys, cs) = jax.lax.scan(body, carry0, (xs, mask), reverse=reverse)
+        final, (ys, cs) = _scan(body, carry0, (xs, mask), reverse, remat_chunk)
     outputs = jnp.swapaxes(ys, 0, 1)
     carries = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), cs) if return_carries else None
     return ScanResult(outputs, final, carries)
+
+
+def _scan(body: Callable, carry0: Any, xs: Any, reverse: bool, remat_chunk: int):
+    """``jax.lax.scan(body, carry0, xs, reverse=reverse)``, in checkpointed chunks of
+    ``remat_chunk`` steps when it is positive (the ``T mod k`` leftover steps form one more
+    chunk, where the recurrence starts)."""
+    n_time = jax.tree.leaves(xs)[0].shape[0]
+    if remat_chunk <= 0 or remat_chunk >= n_time:
+        return jax.lax.scan(body, carry0, xs, reverse=reverse)
+    k = remat_chunk
+    n, r = divmod(n_time, k)
+    inner = jax.checkpoint(lambda c, x: jax.lax.scan(body, c, x, reverse=reverse))
+    if not reverse:
+        rem, chunks = slice(0, r), slice(r, n_time)
+    else:
+        rem, chunks = slice(n * k, n_time), slice(0, n * k)
+    carry, ys_rem = carry0, None
+    if r:
+        carry, ys_rem = inner(carry, jax.tree.map(lambda a: a[rem], xs))
+    xs_ch = jax.tree.map(lambda a: a[chunks].reshape((n, k) + a.shape[1:]), xs)
+    carry, ys = jax.lax.scan(inner, carry, xs_ch, reverse=reverse)
+    ys = jax.tree.map(lambda a: a.reshape((n * k,) + a.shape[2:]), ys)
+    if r:
+        order = (lambda a, b: (b, a)) if not reverse else (lambda a, b: (a, b))
+        ys = jax.tree.map(lambda a, b: jnp.concatenate(order(a, b), axis=0), ys, ys_rem)
+    return carry, ys
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,7 +301,21 @@ def _is_concrete(a) -> bool:
 
 
 class _Recurrent(nn.Module):
-    """Shared implementation of ``RNN``, ``LSTM`` and ``GRU`` (see the module docstring)."""
+    """Shared implementation of ``RNN``, ``LSTM`` and ``GRU`` (see the module docstring).
+
+    Beyond PyTorch's arguments:
+
+    - ``impl``: how time is unrolled and differentiated. ``"fused"`` (default) is
+      ``jaxnets.ops.recurrent.fused_scan``: the same ``lax.scan`` forward with a hand-written
+      backward that batches the weight gradients of every few steps into one matrix product
+      (faster on CPU; a custom VJP, so reverse-mode only: use ``"scan"`` for
+      ``jax.jvp``/``jacfwd`` through the layer). ``"scan"`` is ``jax.grad`` straight through
+      ``scan_layer``, the reference the fused gradient is tested against. ``return_states``
+      and ``proj_size`` always use ``"scan"``.
+    - ``remat_chunk``: k > 0 keeps only every k-th carry for the backward pass and
+      recomputes the steps in between (memory O(T/k + k) steps instead of O(T)); same values
+      and gradients.
+    """
 
     hidden_size: int
     num_layers: int = 1
@@ -271,6 +323,8 @@ class _Recurrent(nn.Module):
     dropout: float = 0.0
     bias: bool = True
     param_dtype: Any = jnp.float32
+    impl: str = "fused"
+    remat_chunk: int = 0
 
     mode = "RNN"  # class-level: which cell
     nonlinearity = "tanh"
@@ -299,6 +353,13 @@ class _Recurrent(nn.Module):
             )
         if self.nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {self.nonlinearity!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {IMPLS}, got {self.impl!r}")
+        if not isinstance(self.remat_chunk, int | np.integer) or self.remat_chunk < 0:
+            raise ValueError(
+                f"remat_chunk: expected an int >= 0 (0: no rematerialisation), "
+                f"got {self.remat_chunk!r}"
+            )
 
     def _validate_inputs(self, x, initial_state, lengths):
         if np.ndim(x) != 3:
@@ -416,10 +477,19 @@ class _Recurrent(nn.Module):
                     carry0 = (initial_state[0][idx].astype(dtype), initial_state[1][idx].astype(dtype))
                 else:
                     carry0 = initial_state[idx].astype(dtype)
-                res = scan_layer(
-                    step, p, layer_in.astype(dtype), carry0, lengths,
-                    reverse=(d == 1), return_carries=return_states,
-                )
+                if self.impl == "fused" and not return_states and self.proj_size == 0:
+                    outputs_d, final_d = fused_scan(
+                        self.mode, p, layer_in.astype(dtype), carry0, lengths,
+                        reverse=(d == 1), nonlinearity=self.nonlinearity,
+                        chunk=self.remat_chunk or DEFAULT_CHUNK, remat=self.remat_chunk > 0,
+                    )  # fmt: skip
+                    res = ScanResult(outputs_d, final_d, None)
+                else:
+                    res = scan_layer(
+                        step, p, layer_in.astype(dtype), carry0, lengths,
+                        reverse=(d == 1), return_carries=return_states,
+                        remat_chunk=self.remat_chunk,
+                    )
                 outs.append(res.outputs)
                 finals.append(res.final_carry)
                 all_states.append(res.carries)
