@@ -86,7 +86,9 @@ def test_layer_grad_norms_match_finite_differences(key):
 
         grads = jax.grad(loss)(variables["params"])
         g = grads["features"]["stage2"]["block0"]["conv1"]["kernel"]
-        np.testing.assert_allclose(norms["features/stage2/block0/conv1"], jnp.linalg.norm(g), rtol=1e-10)
+        np.testing.assert_allclose(
+            norms["features/stage2/block0/conv1"], jnp.linalg.norm(g), rtol=1e-10
+        )
         # the gradient itself against central differences
         u = jax.random.normal(key, g.shape, jnp.float64)
         eps = 1e-5
