@@ -356,9 +356,11 @@ def load_checkpoint(path: str | os.PathLike | RunDir, step: int | None = None) -
         manager.close()
     if not isinstance(state, Mapping) or "params" not in state:
         raise ValueError(f"load_checkpoint: {ckpt} step {step} is not a jaxnets TrainState")
-    out = {"params": state["params"]}
+    # Host arrays: restored arrays are committed to a device, and a train state mixing
+    # committed and uncommitted arrays compiles its jitted step a second time.
+    out = {"params": jax.tree.map(np.asarray, state["params"])}
     if state.get("batch_stats"):
-        out["batch_stats"] = state["batch_stats"]
+        out["batch_stats"] = jax.tree.map(np.asarray, state["batch_stats"])
     return out
 
 
@@ -452,7 +454,7 @@ def load_pretrained(
                     f"{tuple(np.shape(source[p]))}"
                 )
             else:
-                chosen[p] = jnp.asarray(source[p], dtype=jnp.result_type(leaf))
+                chosen[p] = jnp.asarray(np.asarray(source[p]), dtype=jnp.result_type(leaf))
 
         def pick(kp, leaf, chosen=chosen):
             return chosen.get("/".join(_key_str(k) for k in kp), leaf)
@@ -758,22 +760,25 @@ class TransferSetup:
         ``variables`` (e.g. from `load_pretrained`) replace the random initialisation; the
         optimizer state is initialised for them.
         """
-        state = self.trainer(model, loss_fn).init(key, batch)
         if variables is None:
-            return state
+            return self.trainer(model, loss_fn).init(key, batch)
         v = _variables_of(variables, "variables")
         params = v["params"]
-        if jax.tree.structure(params) != jax.tree.structure(state.params):
-            raise ValueError("init_state: variables['params'] do not have the model's structure")
-        for (p, a), b in zip(flatten_paths(params).items(), jax.tree.leaves(state.params),
-                             strict=True):  # fmt: skip
+        if jax.tree.structure(params) != jax.tree.structure(self.params):
+            raise ValueError(
+                "init_state: variables['params'] do not have the structure of the params this "
+                "setup was configured with"
+            )
+        for (path, a), b in zip(flatten_paths(params).items(), jax.tree.leaves(self.params),
+                                strict=True):  # fmt: skip
             if np.shape(a) != np.shape(b):
-                raise ValueError(f"init_state: params/{p} has shape {np.shape(a)}, the model {np.shape(b)}")
-        return state.replace(
-            params=params,
-            batch_stats=v.get("batch_stats", state.batch_stats) if state.batch_stats else {},
-            opt_state=self.tx.init(params),
-        )
+                raise ValueError(
+                    f"init_state: params/{path} has shape {np.shape(a)}, the configured "
+                    f"params {np.shape(b)}"
+                )
+        # train.init_state's path for given params: the same key split (rng), no model.init.
+        state = train.init_state(lambda *a, **k: None, self.tx, key, batch, params=params)
+        return state.replace(batch_stats=v.get("batch_stats", {}))
 
     def fit(
         self,
