@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxnets.ops.conv import Conv
+from jaxnets.ops.pool import max_pool as ops_max_pool
+
 SPATIAL_DIMS = (1, 2)
 
 # torchvision initialises every conv with kaiming_normal_(mode="fan_out", nonlinearity="relu"):
@@ -68,16 +71,18 @@ def conv(
     use_bias: bool = False,
     dtype: Any = None,
     name: str | None = None,
-) -> nn.Conv:
+) -> Conv:
     """A ``kernel^d`` convolution with PyTorch's symmetric zero padding (``torch.nn.ConvNd``).
 
     y[b, p, o] = sum_{k, i} x[b, stride * p + k - padding, i] * w[k, i, o] (+ bias[o]), so
     ``(batch, *spatial, in)`` -> ``(batch, *out, features)`` with
     ``out = floor((n + 2 * padding - kernel) / stride) + 1`` per axis. The kernel is stored as
     ``(*kernel, in, out)`` (HWIO in 2D); weights start from torchvision's Kaiming fan-out normal.
+    ``jaxnets.ops.conv.Conv``: ``flax.linen.Conv``'s parameters, with the kernel gradient as
+    chunked matrix products on CPU (faster there; same values).
     """
     d = spatial_dims
-    return nn.Conv(
+    return Conv(
         features,
         kernel_size=(kernel,) * d,
         strides=(stride,) * d,
@@ -144,9 +149,10 @@ class BatchNorm(nn.Module):
 
 
 def max_pool(x: Array, window: int, stride: int, padding: int = 0) -> Array:
-    """Max pooling over every spatial axis, padding with -inf like ``torch.nn.MaxPoolNd``."""
-    d = x.ndim - 2
-    return nn.max_pool(x, (window,) * d, strides=(stride,) * d, padding=((padding, padding),) * d)
+    """Max pooling over every spatial axis, padding with -inf like ``torch.nn.MaxPoolNd``
+    (``jaxnets.ops.pool.max_pool``: ``nn.max_pool``'s values and gradient, a cheaper
+    gradient for non-overlapping windows)."""
+    return ops_max_pool(x, window, stride, padding)
 
 
 def adaptive_avg_pool(

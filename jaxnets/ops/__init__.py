@@ -1,8 +1,15 @@
-"""Fast kernels behind the models: a fused recurrent scan with a hand-written backward pass
-(`jaxnets.ops.recurrent`) and convolutions lowered to matrix products on CPU
-(`jaxnets.ops.conv`). Each one equals its reference formulation (``jax.grad`` of
-``lax.scan``; ``lax.conv_general_dilated``) in the tests."""
+"""Fast kernels behind the models, each equal to its reference formulation in the tests.
 
+- `jaxnets.ops.recurrent.fused_scan`: one RNN/LSTM/GRU layer as ``lax.scan`` with a
+  hand-written, chunked backward (reference: ``jax.grad`` through ``jaxnets.rnn.scan_layer``).
+- `jaxnets.ops.conv.conv` / `Conv`: convolution whose kernel gradient is chunked matrix
+  products on CPU (reference: ``jax.lax.conv_general_dilated``).
+- `jaxnets.ops.pool.max_pool`: max pooling with a one-pass gradient for tiled windows
+  (reference: ``flax.linen.max_pool``).
+"""
+
+from jaxnets.ops.conv import Conv, conv
+from jaxnets.ops.pool import max_pool
 from jaxnets.ops.recurrent import fused_scan
 
-__all__ = ["fused_scan"]
+__all__ = ["Conv", "conv", "fused_scan", "max_pool"]
