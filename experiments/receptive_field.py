@@ -10,8 +10,11 @@ VGG's argument (Simonyan & Zisserman 2014, Sec. 2.3), measured instead of assert
    25*C^2 (three 3x3: 27*C^2 vs 49*C^2), read off the parameter trees.
 3. Accuracy. Small VGG-style nets that differ only in their blocks (two 3x3 vs one 5x5,
    three 3x3 vs one 7x7; a shared 3x3 stem, BatchNorm, ReLU, 2x2 max-pools) are trained on
-   the same data (the 8x8 digits resized to 16x16): the stacked nets reach at least the
-   accuracy of the large-kernel nets with fewer parameters and more non-linearities.
+   the same data (the 8x8 digits resized to 16x16) and their test accuracies compared, with
+   the seed-to-seed noise: the stacked nets get there with fewer parameters and more
+   non-linearities. On this small, saturated task (~99% accuracy, 360 test images) the
+   measured differences are within two standard errors, so the accuracy part of the claim is
+   "as good within noise" here, not "better".
 """
 
 from __future__ import annotations
@@ -44,10 +47,14 @@ class Config:
 
     Command line: ``python -m experiments.receptive_field [--width 32] [--steps 800]
     [--seeds 3]``
-    Runtime: about 4 minutes on 2 laptop CPU cores (``TOUR``: ~1.5 min; ``--quick``: ~30 s).
-    Expected: extents 5x5 / 5x5 / 7x7 / 7x7; weights 2*9*C^2 < 25*C^2 and 27*C^2 < 49*C^2;
-    test accuracy of the stacked-3x3 nets >= that of the 5x5 / 7x7 nets (about 0.97-0.99 on
-    the digits), measured as a mean over seeds.
+    Runtime (measured on a heavily shared 2-core machine, CPU time in brackets): default
+    25 min wall [6.8 min CPU]; ``TOUR`` 10 min wall [1.6 min CPU]; ``--quick`` 1.3 min wall
+    [22 s CPU]. On a free laptop expect about the CPU time.
+    Expected (measured, default config): extents 5x5 / 5x5 / 7x7 / 7x7; weights 18, 25, 27,
+    49 x C^2; test accuracy (3 seeds) 3x3x2 0.986 +- 0.002 vs 5x5 0.990 +- 0.001, 3x3x3
+    0.991 +- 0.001 vs 7x7 0.992 +- 0.002 (all nets fit the training set): differences of one
+    or two test images, within two standard errors; ``TOUR`` (one seed): 0.989 vs 0.986 and
+    0.992 vs 0.994.
     """
 
     seed: int = 0
@@ -130,6 +137,18 @@ def measure_stacks(cfg: Config) -> dict:
     return out
 
 
+def accuracy_gap(small: list[float], large: list[float]) -> dict:
+    """Mean test-accuracy difference (stacked minus large kernel) and its standard error over
+    seeds, sqrt(s_a^2 / n + s_b^2 / n) with sample variances; ``within_noise`` when
+    |difference| <= 2 standard errors (None with a single seed: no noise estimate)."""
+    a, b = np.asarray(small), np.asarray(large)
+    diff = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return {"accuracy_difference": diff, "difference_se": None, "within_noise": None}
+    se = float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+    return {"accuracy_difference": diff, "difference_se": se, "within_noise": abs(diff) <= 2 * se}
+
+
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     stacks = measure_stacks(cfg)
     ds = data.load_digits(size=cfg.image_size, seed=cfg.seed)
@@ -181,6 +200,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
             "accuracy_at_least": training[small]["test_accuracy"]
             >= training[large]["test_accuracy"],
             "fewer_params_in_trained_net": training[small]["params"] < training[large]["params"],
+            **accuracy_gap(training[small]["test_accuracies"], training[large]["test_accuracies"]),
         }
     _plots(stacks, training, run_dir)
     for s in stacks.values():
@@ -239,7 +259,18 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
         )
     lines.append("")
     for pair, cl in results["claims"].items():
-        lines.append(f"- {pair}: " + ", ".join(f"{k} = **{v}**" for k, v in cl.items()))
+        small, large = pair.split("_vs_")
+        gap = accuracy_gap(
+            results["training"][small]["test_accuracies"],
+            results["training"][large]["test_accuracies"],
+        )
+        se = "n/a (one seed)" if gap["difference_se"] is None else f"{gap['difference_se']:.4f}"
+        lines.append(
+            f"- {small} vs {large}: same receptive field **{cl['same_receptive_field']}**, "
+            f"fewer weights **{cl['fewer_weights']}**, accuracy at least as high "
+            f"**{cl['accuracy_at_least']}** (difference {gap['accuracy_difference']:+.4f}, "
+            f"standard error {se}; within 2 SE: {gap['within_noise']})"
+        )
     lines += ["", "![receptive fields](receptive_fields.png)", "", "![accuracy](accuracy.png)"]
     return "\n".join(lines)
 

@@ -29,3 +29,14 @@ def test_quick_run_measures_the_vgg_claims(tmp_path):
         assert claim["same_receptive_field"] and claim["fewer_weights"]
     assert (tmp_path / "r" / "receptive_fields.png").exists()
     assert (tmp_path / "r" / "accuracy.png").exists()
+
+
+def test_accuracy_gap_standard_error():
+    from experiments.receptive_field import accuracy_gap
+
+    gap = accuracy_gap([0.9, 0.92, 0.94], [0.95, 0.95, 0.95])
+    # sample variance of (0.90, 0.92, 0.94) is 0.0004; the other has none: SE = sqrt(0.0004 / 3)
+    assert abs(gap["accuracy_difference"] - (-0.03)) < 1e-12
+    assert abs(gap["difference_se"] - (0.0004 / 3) ** 0.5) < 1e-12
+    assert gap["within_noise"] is False  # |-0.03| > 2 * 0.0115
+    assert accuracy_gap([0.9], [0.8])["within_noise"] is None
