@@ -752,16 +752,12 @@ class TransferSetup:
             )
         return self._trainers[key][2]
 
-    def init_state(
-        self, model: Any, loss_fn: train.LossFn, key: jax.Array, batch: Mapping, variables=None
-    ) -> train.TrainState:
-        """A fresh `TrainState` (rng from ``key``), holding ``variables`` if given.
+    def init_state(self, key: jax.Array, variables: Mapping[str, PyTree]) -> train.TrainState:
+        """A fresh `jaxnets.train.TrainState` holding ``variables`` (step 0, run rng from ``key``).
 
-        ``variables`` (e.g. from `load_pretrained`) replace the random initialisation; the
-        optimizer state is initialised for them.
+        ``variables``: the model's variables, e.g. from `load_pretrained`, or ``model.init(...)``
+        for training from scratch. The optimizer state is initialised for them.
         """
-        if variables is None:
-            return self.trainer(model, loss_fn).init(key, batch)
         v = _variables_of(variables, "variables")
         params = v["params"]
         if jax.tree.structure(params) != jax.tree.structure(self.params):
@@ -777,7 +773,7 @@ class TransferSetup:
                     f"params {np.shape(b)}"
                 )
         # train.init_state's path for given params: the same key split (rng), no model.init.
-        state = train.init_state(lambda *a, **k: None, self.tx, key, batch, params=params)
+        state = train.init_state(lambda *a, **k: None, self.tx, key, None, params=params)
         return state.replace(batch_stats=v.get("batch_stats", {}))
 
     def fit(

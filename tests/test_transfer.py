@@ -213,7 +213,7 @@ def _setup_state(method, key, new=("head",), opt="adamw", **cfg):
         optimizer=opt, learning_rate=1e-2, **({"weight_decay": 0.5} if opt == "adamw" else {}),
     )  # fmt: skip
     batches = data.Batches(_images(), 8, seed=0)
-    state = setup.init_state(model, train.cross_entropy_loss, key, batches(0), variables=v)
+    state = setup.init_state(key, v)
     return model, setup, state, batches
 
 
@@ -327,7 +327,7 @@ def test_sgd_updates_differ_exactly_by_the_factor(key):
         cfg = transfer.TransferConfig("per_group_lr", lr_factor=0.25)
         setup = transfer.configure(cfg, groups, v, optimizer="sgd", learning_rate=0.5, momentum=0)
         assert setup.learning_rates == {"body": 0.125, "head": 0.5}
-        state = setup.init_state(model, train.cross_entropy_loss, key, batch, variables=v)
+        state = setup.init_state(key, v)
         p0 = _copy(state.params)
         grads = jax.grad(
             lambda p: train.cross_entropy_loss(model.apply({"params": p}, batch["x"]), batch)[0]
@@ -417,3 +417,7 @@ def test_configure_errors(key):
         transfer.configure(transfer.TransferConfig(), transfer.ParamGroups(head="head"), v)
     with pytest.raises(ValueError, match="no learning rate"):
         transfer.group_optimizer({"a": "x"}, {"y": 1.0})
+    setup = transfer.configure(transfer.TransferConfig("freeze"), GROUPS, v)
+    other = _vgg(5).init(key, jnp.zeros((1, 8, 8, 1)))
+    with pytest.raises(ValueError, match=r"params/head/logits/bias has shape \(5,\)"):
+        setup.init_state(key, other)
