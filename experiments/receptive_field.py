@@ -226,11 +226,12 @@ def _plots(stacks: dict, training: dict, run_dir: runs.RunDir) -> None:
     fig.tight_layout()
     fig.savefig(run_dir.plot_path("receptive_fields"), dpi=100)
     plt.close(fig)
+    labels = {n: f"{n}\n{t['params']:,} p" for n, t in training.items()}
     plots.bars(
-        {f"{n}\n{t['params']:,} p": t["test_accuracy"] for n, t in training.items()},
+        {labels[n]: 1.0 - t["test_accuracy"] for n, t in training.items()},
         run_dir.plot_path("accuracy"),
-        errors={f"{n}\n{t['params']:,} p": t["test_accuracy_std"] for n, t in training.items()},
-        ylabel="test accuracy", title="digits 16x16: stacked 3x3 vs large kernels",
+        errors={labels[n]: t["test_accuracy_std"] for n, t in training.items()},
+        ylabel="test error (mean over seeds)", title="digits 16x16: stacked 3x3 vs large kernels",
     )  # fmt: skip
 
 
@@ -271,7 +272,7 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
             f"**{cl['accuracy_at_least']}** (difference {gap['accuracy_difference']:+.4f}, "
             f"standard error {se}; within 2 SE: {gap['within_noise']})"
         )
-    lines += ["", "![receptive fields](receptive_fields.png)", "", "![accuracy](accuracy.png)"]
+    lines += ["", "![receptive fields](receptive_fields.png)", "", "![test error](accuracy.png)"]
     return "\n".join(lines)
 
 
