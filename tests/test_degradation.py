@@ -23,3 +23,12 @@ def test_quick_run_writes_errors_and_gradient_norms(tmp_path):
     assert results["claims"]["dataset"] == "mnist1d"
     for plot in ("train_error", "grad_norms", "errors"):
         assert (tmp_path / "r" / f"{plot}.png").exists()
+
+
+def test_data_options():
+    from experiments.degradation import Config, load
+
+    digits = load(Config(dataset="digits", train_examples=100))
+    assert digits.x_train.shape == (100, 16, 16, 1) and digits.num_classes == 10
+    mnist1d = load(Config())
+    assert mnist1d.x_train.shape == (4000, 40, 1) and mnist1d.x_test.shape == (1000, 40, 1)
