@@ -18,17 +18,17 @@ re-initialised, the earlier stages come from the checkpoint. The last stage of a
 pretrained on five classes has specialised to telling those five apart, so reusing only
 the more generic earlier stages transfers better (measured, 3 seeds, digits with 5 / 20
 labels per class: freezing the whole backbone under a new linear head, ``--new-stages 0``,
-reaches 0.639 / 0.734; freezing stages 1-2 and training a re-initialised stage 3 and head
+reaches 0.637 / 0.734; freezing stages 1-2 and training a re-initialised stage 3 and head
 reaches 0.888 / 0.944).
 
 Result (3 seeds): on digits a small CNN trained from scratch already reaches 0.905 with 5
 labels per class, which leaves under 10 points of headroom; transfer from digits 0-4 does not
-beat it (fine-tune within 1.3 points of scratch everywhere, freeze and per-group LR
-0.4-2.1 points below), so the issue's bar (fine-tune and freeze +10 points over scratch at <= 20
+beat it (fine-tune within 1 point of scratch everywhere, freeze and per-group LR
+0.4-2.0 points below), so the issue's bar (fine-tune and freeze +10 points over scratch at <= 20
 labels per class) is not met. On MNIST-1D, where scratch is weaker (0.752 at 5 labels per
-class), fine-tuning gains +6.4 and +6.0 points at 5 and 10 labels per class (about 2.6 std
-of the difference) and per-group LR +4.9 and +5.0; freezing gains +2 to +3 (within noise),
-and with 20 or more labels the differences shrink to between -1.2 and +2.7 points.
+class), fine-tuning gains +6.2 and +6.8 points at 5 and 10 labels per class (3.9 and 2.7
+std of the difference) and per-group LR +4.3 and +5.3; freezing gains +3.1 and +3.7 (about
+1.2 std), and with 20 or more labels the differences shrink to between -2.2 and +2.0 points.
 
 Two settings: scikit-learn's 8x8 digits and MNIST-1D (length-40 signals, 1-D convs).
 Mean and std over ``seeds`` seeds; each seed pretrains its own source network, draws its own
@@ -66,15 +66,15 @@ class Config:
 
     Command line: ``python -m experiments.transfer [--seeds 3] [--datasets digits]
     [--new-stages 0] [--layer-decay 0.5] [--unfreeze-every 50]``
-    Runtime: 110 s of CPU time; measured 6 min wall on 2 CPU cores shared with ~5 other jobs
-    (load ~13), so about 2 minutes on a free 2-core laptop (tour: 58 s CPU / 2 min wall;
+    Runtime: 93 s of CPU time; measured 4 min wall on 2 CPU cores shared with ~5 other jobs
+    (load ~12), so about 1.5 minutes on a free 2-core laptop (tour: 58 s CPU / 2 min wall;
     ``--quick``, digits only: 22 s CPU / about 1 min wall, mostly compilation).
     Expected (measured, mean ± std over 3 seeds, labels per class 5 / 10 / 20 / 50 / all):
-    digits scratch 0.905 / 0.924 / 0.965 / 0.978 / 0.987, finetune 0.903 / 0.927 / 0.978 /
-    0.981 / 0.983, freeze 0.888 / 0.907 / 0.944 / 0.966 / 0.981, per_group_lr 0.890 / 0.920 /
-    0.957 / 0.972 / 0.980 (bar not met: no headroom over scratch); MNIST-1D scratch 0.752 /
-    0.842 / 0.924 / 0.948 / 0.971, finetune 0.815 / 0.903 / 0.930 / 0.975 / 0.977, freeze
-    0.775 / 0.874 / 0.912 / 0.949 / 0.970, per_group_lr 0.801 / 0.892 / 0.924 / 0.959 / 0.979.
+    digits scratch 0.905 / 0.924 / 0.965 / 0.978 / 0.989, finetune 0.901 / 0.929 / 0.974 /
+    0.981 / 0.983, freeze 0.888 / 0.911 / 0.944 / 0.966 / 0.981, per_group_lr 0.894 / 0.918 /
+    0.953 / 0.974 / 0.981 (bar not met: no headroom over scratch); MNIST-1D scratch 0.759 /
+    0.847 / 0.920 / 0.953 / 0.977, finetune 0.822 / 0.915 / 0.926 / 0.973 / 0.978, freeze
+    0.790 / 0.884 / 0.898 / 0.949 / 0.971, per_group_lr 0.803 / 0.901 / 0.916 / 0.959 / 0.980.
     """
 
     seed: int = 0

@@ -261,9 +261,9 @@ def test_frozen_batchnorm_normalises_with_running_statistics(key):
 
 
 def test_frozen_layers_get_no_backward_pass(key):
-    """The frozen step's program holds only the 2 forward convolutions; the full step adds the
-    kernel gradients (2) and the input gradient of the second conv (1); set_to_zero alone keeps
-    them all."""
+    """The frozen step's program holds only the 2 forward convolutions; the full step adds at
+    least the input gradient of the second conv (and the kernel gradients, as convolutions or,
+    with jaxnets.ops' CPU path, matrix products); set_to_zero alone keeps them all."""
     model, setup, state, batches = _setup_state("freeze", key, opt="adam")
     batch = batches(0)
 
@@ -274,8 +274,9 @@ def test_frozen_layers_get_no_backward_pass(key):
         return _conv_count(jax.make_jaxpr(step)(st, batch).jaxpr)
 
     assert convs(setup.tx, setup.trainable, setup.forward) == 2
-    assert convs(optax.adam(1e-2), None, None) == 5
-    assert convs(setup.tx, None, None) == 5  # the optimizer mask alone still differentiates
+    full = convs(optax.adam(1e-2), None, None)
+    assert full > 2
+    assert convs(setup.tx, None, None) == full  # the optimizer mask alone still differentiates
 
 
 def test_flax_batchnorm_supported_when_mode_is_a_call_argument(key):
