@@ -8,8 +8,9 @@
   (reference: ``flax.linen.max_pool``).
 """
 
-from jaxnets.ops.conv import Conv, conv
+from jaxnets.ops.conv import Conv
 from jaxnets.ops.pool import max_pool
 from jaxnets.ops.recurrent import fused_scan
 
-__all__ = ["Conv", "conv", "fused_scan", "max_pool"]
+# the conv *function* stays jaxnets.ops.conv.conv, so jaxnets.ops.conv remains the module
+__all__ = ["Conv", "fused_scan", "max_pool"]
