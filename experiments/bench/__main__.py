@@ -103,7 +103,7 @@ def machine() -> dict:
 
 def time_workload(name: str, args) -> dict:
     """Build the candidates of one workload and time them interleaved."""
-    from experiments.bench import cnn, rnn, timing
+    from experiments.bench import cnn, rnn, timing  # after set_threads: imports JAX
 
     if name in RNN_WORKLOADS:
         mod, shape, rounds = rnn, (rnn.QUICK if args.quick else rnn.Shape()), 15
@@ -121,6 +121,8 @@ def time_workload(name: str, args) -> dict:
     else:
         missing["torch"] = "not installed"
     steps["flax"] = mod.flax_step(name, shape)
+    if name in RNN_WORKLOADS and (cudnn := rnn.cudnn_step(name, shape)) is not None:
+        steps["cudnn"] = cudnn  # jax.experimental.rnn, GPU only
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = timing.interleaved(steps, rounds, warmup=1, clock=clock)
     stats = timing.summary(times)
@@ -143,14 +145,14 @@ def fmt_ratio(s: dict) -> str:
 
 
 def table(details: dict) -> str:
-    """Markdown table of the timed workloads."""
-    head = "| workload | jaxnets | torch | flax | torch / jaxnets | flax / jaxnets |"
-    rows = [head, "|" + "---|" * 6]
+    """Markdown table of the timed workloads: times, then each reference over jaxnets."""
+    refs = [r for r in REFERENCES + ("cudnn",) if any(r in d for d in details.values())]
+    head = ["workload", "jaxnets"] + refs + [f"{r} / jaxnets" for r in refs]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, d in details.items():
-        if name not in RNN_WORKLOADS + CNN_WORKLOADS:
-            continue
-        cells = [name, fmt_time(d["jaxnets"]), fmt_time(d["torch"]), fmt_time(d["flax"])]
-        cells += [fmt_ratio(d["torch"]), fmt_ratio(d["flax"])]
+        missing = {"missing": "-"}
+        cells = [name, fmt_time(d["jaxnets"])] + [fmt_time(d.get(r, missing)) for r in refs]
+        cells += [fmt_ratio(d.get(r, {})) for r in refs]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         if name in RNN_WORKLOADS + CNN_WORKLOADS:
             d = time_workload(name, args)
             results["details"][name] = d
-            results[name] = {c: d[c].get("median") for c in ("jaxnets",) + REFERENCES}
+            cands = ("jaxnets",) + REFERENCES + (("cudnn",) if "cudnn" in d else ())
+            results[name] = {c: d[c].get("median") for c in cands}
         elif name == "jacobians":
             results[name] = jacobians(args)
         elif name == "memory":
@@ -184,7 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(table(results["details"]))
     if "jacobians" in results:
-        print("\njacobians:", json.dumps(results["jacobians"], default=str))
+        print()
+        if "missing" in results["jacobians"]:
+            print("jacobians:", results["jacobians"]["missing"])
+        else:
+            from experiments.bench import jacobians as jac
+
+            print(jac.markdown(results["jacobians"]))
     if "memory" in results:
         from experiments.bench import memory
 

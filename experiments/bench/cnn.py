@@ -12,7 +12,7 @@ One training step = forward, mean softmax cross-entropy against fixed labels, ba
 a plain SGD update (lr 0.01), BatchNorm statistics updated, the same in every framework.
 The Flax references are the same architectures written with ``flax.linen.Conv`` and
 ``flax.linen.BatchNorm``; the PyTorch ones use ``torch.nn`` in ``channels_last`` memory
-format (PyTorch's fastest CPU layout for convolutions).
+format (PyTorch's fastest CPU layout for convolutions), on CUDA when JAX runs on a GPU.
 """
 
 from __future__ import annotations
@@ -223,13 +223,17 @@ def torch_step(name: str, shape: Shape) -> Callable[[], None]:
     """Training step of the PyTorch twin in channels-last format. ImportError without torch."""
     import torch
 
+    from experiments.bench.rnn import torch_device
+
+    dev = torch_device()
     x, y = data(shape)
     torch.manual_seed(0)
-    model = _torch_models()[name](shape.classes).to(memory_format=torch.channels_last)
+    model = _torch_models()[name](shape.classes).to(dev, memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    yt = torch.from_numpy(y).long()
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).to(dev)
+    xt = xt.contiguous(memory_format=torch.channels_last)
+    yt = torch.from_numpy(y).long().to(dev)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def run() -> None:
@@ -237,5 +241,7 @@ def torch_step(name: str, shape: Shape) -> Callable[[], None]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dev == "cuda":
+            torch.cuda.synchronize()
 
     return run

@@ -92,19 +92,27 @@ def flax_step(mode: str, shape: Shape) -> Callable[[], None]:
     return jax_step(lambda p, xb: model.apply({"params": p}, xb), params, x, y)
 
 
+def torch_device() -> str:
+    """"cuda" when JAX runs on a GPU and PyTorch sees one (the GPU script), else "cpu"."""
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def torch_step(mode: str, shape: Shape) -> Callable[[], None]:
-    """Training step of ``torch.nn.LSTM/GRU/RNN`` (batch_first, CPU, float32).
+    """Training step of ``torch.nn.LSTM/GRU/RNN`` (batch_first, float32, on `torch_device`).
 
     Raises ImportError when PyTorch is not installed.
     """
     import torch
 
+    dev = torch_device()
     x, y = data(shape)
     cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[mode]
     torch.manual_seed(0)
-    model = cls(shape.features, shape.hidden, batch_first=True)
+    model = cls(shape.features, shape.hidden, batch_first=True).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xt, yt = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
 
     def run() -> None:
         out, _ = model(xt)
@@ -112,5 +120,29 @@ def torch_step(mode: str, shape: Shape) -> Callable[[], None]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dev == "cuda":
+            torch.cuda.synchronize()
 
     return run
+
+
+def cudnn_step(mode: str, shape: Shape) -> Callable[[], None] | None:
+    """``jax.experimental.rnn.lstm`` (cuDNN's fused LSTM) training step on a GPU; None for
+    the other modes or off the GPU."""
+    if mode != "lstm" or jax.default_backend() != "gpu":
+        return None
+    from jax.experimental import rnn as jrnn_gpu
+
+    x, y = data(shape)
+    b = shape.batch
+    weights = jrnn_gpu.init_lstm_weight(jax.random.key(0), shape.features, shape.hidden, 1, False)
+    zeros = jnp.zeros((1, b, shape.hidden), jnp.float32)
+    lengths = jnp.full((b,), shape.time, jnp.int32)
+
+    def apply(w, xb):
+        out, _, _ = jrnn_gpu.lstm(
+            xb, zeros, zeros, w, lengths, shape.features, shape.hidden, 1, 0.0, False
+        )
+        return out
+
+    return jax_step(apply, weights, x, y)
