@@ -189,19 +189,29 @@ def _back_step(cfg: _Config, whh: Array, dcarry: Any, inp: tuple):
 # ---------------------------------------------------------------------------------------
 
 
-def _scan(cfg, q, xs, mask, carry0, save: bool, with_h_prev: bool = False):
+def _scan(cfg, q, xs, mask, carry0, save: bool, with_h_prev: bool = False, ybuf=None, t0=0):
     """Forward scan over ``xs`` (time-major). Returns ``(final, ys, res, h_prev)``;
-    ``res`` (stacked residuals) only with ``save``, ``h_prev`` only with ``with_h_prev``."""
+    ``res`` (stacked residuals) only with ``save``, ``h_prev`` only with ``with_h_prev``.
 
-    def body(carry, inp):
-        x_t, m_t = inp
+    With ``ybuf`` (batch, T, H) the outputs are written into it at times ``t0 + i``
+    (batch-major, the layer's layout: no (T, B, H) -> (B, T, H) transpose afterwards) and
+    ``ys`` is the updated buffer; otherwise ``ys`` is time-major."""
+
+    def body(state, inp):
+        carry, buf = state
+        x_t, m_t, t = inp
         new, y, res = _step(cfg, q, carry, x_t, m_t)
-        return new, (y, res if save else None, _h(cfg, carry) if with_h_prev else None)
+        extras = (res if save else None, _h(cfg, carry) if with_h_prev else None)
+        if buf is None:
+            return (new, None), (y,) + extras
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, y[:, None], t0 + t, axis=1)
+        return (new, buf), (None,) + extras
 
-    final, (ys, res, h_prev) = jax.lax.scan(
-        body, carry0, (xs, mask), reverse=cfg.reverse, unroll=_UNROLL
+    steps = jnp.arange(xs.shape[0])
+    (final, buf), (ys, res, h_prev) = jax.lax.scan(
+        body, (carry0, ybuf), (xs, mask, steps), reverse=cfg.reverse, unroll=_UNROLL
     )
-    return final, ys, res, h_prev
+    return final, (ys if ybuf is None else buf), res, h_prev
 
 
 def _segments(n_time: int, k: int, reverse: bool) -> tuple[int, int, int, int]:
@@ -216,26 +226,36 @@ def _slice(tree: Any, start, size: int) -> Any:
     return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=0), tree)
 
 
-def _forward_remat(cfg, q, xs, mask, carry0):
-    """Forward pass that keeps only the carry at the start of every chunk."""
+def _time_major_slice(a: Array, start, size: int) -> Array:
+    """Steps ``start .. start+size-1`` of a batch-major (B, T, ...) array, as (size, B, ...)
+    (a chunk-sized transpose, in cache)."""
+    return jnp.swapaxes(jax.lax.dynamic_slice_in_dim(a, start, size, axis=1), 0, 1)
+
+
+def _forward_remat(cfg, q, xs, mask, carry0, ybuf):
+    """Forward pass that keeps only the carry at the start of every chunk; outputs go
+    into the batch-major ``ybuf``."""
     n_time = xs.shape[0]
     n, base, rs, r = _segments(n_time, cfg.chunk, cfg.reverse)
     carry = carry0
-    ys_rem = None
     if r:
-        carry, ys_rem, _, _ = _scan(cfg, q, xs[rs : rs + r], _sl(mask, rs, r), carry, False)
-    ys_ch, bounds = None, None
+        carry, ybuf, _, _ = _scan(
+            cfg, q, xs[rs : rs + r], _sl(mask, rs, r), carry, False, ybuf=ybuf, t0=rs
+        )
+    bounds = None
     if n:
 
-        def outer(carry, j):
+        def outer(state, j):
+            carry, ybuf = state
             start = base + j * cfg.chunk
             x_c, m_c = _slice((xs, mask), start, cfg.chunk)
-            new, ys_c, _, _ = _scan(cfg, q, x_c, m_c, carry, False)
-            return new, (carry, ys_c)
+            new, ybuf, _, _ = _scan(cfg, q, x_c, m_c, carry, False, ybuf=ybuf, t0=start)
+            return (new, ybuf), carry
 
-        carry, (bounds, ys_ch) = jax.lax.scan(outer, carry, jnp.arange(n), reverse=cfg.reverse)
-        ys_ch = ys_ch.reshape((n * cfg.chunk,) + ys_ch.shape[2:])
-    return carry, _join(cfg.reverse, ys_ch, ys_rem), bounds
+        (carry, ybuf), bounds = jax.lax.scan(
+            outer, (carry, ybuf), jnp.arange(n), reverse=cfg.reverse
+        )
+    return carry, ybuf, bounds
 
 
 def _sl(a: Array | None, start: int, size: int) -> Array | None:
@@ -259,15 +279,15 @@ def _h_prev_from_outputs(cfg, ys, mask, h0, start, size: int):
     carry is the untouched initial one in the reverse direction). Where step t itself does
     not count, its h_{t-1} is never used.
     """
-    n_time = ys.shape[0]
-    y_c = jax.lax.dynamic_slice_in_dim(ys, start, size, axis=0)
+    n_time = ys.shape[1]  # ys is batch-major (B, T, H); the chunk comes out time-major
+    y_c = _time_major_slice(ys, start, size)
     if not cfg.reverse:
         idx = start - 1
-        row = ys[jnp.maximum(idx, 0)]
+        row = ys[:, jnp.maximum(idx, 0)]
         prev = jnp.concatenate([row[None], y_c[:-1]], axis=0)
     else:
         idx = start + size
-        row = ys[jnp.minimum(idx, n_time - 1)]
+        row = ys[:, jnp.minimum(idx, n_time - 1)]
         prev = jnp.concatenate([y_c[1:], row[None]], axis=0)
     inside = (idx >= 0) & (idx < n_time)
     pos = jnp.arange(size) if not cfg.reverse else jnp.arange(size)[::-1]
@@ -301,18 +321,25 @@ def _weight_grads(cfg, x_c, hp_c, dgi, dgh):
     return (stacked,), db, db
 
 
+def _out_buffer(xs: Array, carry0: Any) -> Array:
+    h0 = carry0[0] if isinstance(carry0, tuple) else carry0
+    return jnp.zeros((xs.shape[1], xs.shape[0], h0.shape[-1]), xs.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(cfg: _Config, p, xs, carry0, mask):
-    final, ys, _, _ = _scan(cfg, _prepare(cfg.mode, p), xs, mask, carry0, save=False)
+    q = _prepare(cfg.mode, p)
+    final, ys, _, _ = _scan(cfg, q, xs, mask, carry0, False, ybuf=_out_buffer(xs, carry0))
     return ys, final
 
 
 def _fused_fwd(cfg: _Config, p, xs, carry0, mask):
     q = _prepare(cfg.mode, p)
+    ybuf = _out_buffer(xs, carry0)
     if cfg.remat:
-        final, ys, bounds = _forward_remat(cfg, q, xs, mask, carry0)
+        final, ys, bounds = _forward_remat(cfg, q, xs, mask, carry0, ybuf)
         return (ys, final), (p, xs, carry0, mask, None, None, bounds)
-    final, ys, res, _ = _scan(cfg, q, xs, mask, carry0, save=True)
+    final, ys, res, _ = _scan(cfg, q, xs, mask, carry0, True, ybuf=ybuf)
     return (ys, final), (p, xs, carry0, mask, ys, res, None)
 
 
@@ -326,11 +353,12 @@ def _fused_bwd(cfg: _Config, saved, cotangents):
     h0 = _h(cfg, carry0)
 
     def segment(dcarry, acc, start, size: int, carry_in):
-        x_c, m_c, dy_c = _slice((xs, mask, dys), start, size)
+        x_c, m_c = _slice((xs, mask), start, size)
+        dy_c = _time_major_slice(dys, start, size)
         if cfg.remat:  # recompute this chunk's forward from the carry saved at its start
             _, y_c, res_c, hp_c = _scan(cfg, q, x_c, m_c, carry_in, True, with_h_prev=True)
         else:
-            y_c, res_c = _slice((ys, res), start, size)
+            y_c, res_c = _time_major_slice(ys, start, size), _slice(res, start, size)
             hp_c = _h_prev_from_outputs(cfg, ys, mask, h0, start, size)
         dcarry, (dgi, dgh) = jax.lax.scan(
             functools.partial(_back_step, cfg, whh),
@@ -430,5 +458,5 @@ def fused_scan(
     if lengths is not None:
         mask = jnp.arange(n_time)[:, None] < jnp.asarray(lengths)[None, :]
     cfg = _Config(mode, nonlinearity, bool(reverse), min(chunk, n_time), bool(remat))
-    ys, final = _fused(cfg, params, xs, carry0, mask)
-    return jnp.swapaxes(ys, 0, 1), final
+    ys, final = _fused(cfg, params, xs, carry0, mask)  # ys batch-major already
+    return ys, final
