@@ -64,7 +64,7 @@ class Config:
 QUICK = {"hidden": 32, "embed": 16, "steps": 40, "seq_len": 32, "max_order": 4,
          "max_train_chars": 60_000, "max_eval_chars": 8_000, "sample_chars": 60,
          "log_every": 20, "eval_every": 0, "checkpoint_every": 40}
-TOUR = {"hidden": 128, "steps": 400, "seq_len": 64, "max_eval_chars": 40_000,
+TOUR = {"hidden": 128, "steps": 1000, "lr": 3e-3, "seq_len": 64, "max_eval_chars": 40_000,
         "log_every": 50, "eval_every": 200, "checkpoint_every": 200}
 
 

@@ -74,7 +74,8 @@ QUICK = {"hidden": 32, "embed": 16, "steps": 60, "max_train_words": 2000, "bucke
          "max_eval_words": 200, "ko_numbers": 1000, "ko_hidden": 32, "ko_steps": 60,
          "log_every": 20, "eval_every": 0, "checkpoint_every": 60, "batch_size": 32}
 TOUR = {"hidden": 96, "steps": 500, "max_train_words": 30000, "max_eval_words": 1500,
-        "ko_steps": 400, "log_every": 50, "eval_every": 250, "checkpoint_every": 250}
+        "buckets": (8, 12, MAX_LEN + 1), "ko_steps": 300, "log_every": 50, "eval_every": 0,
+        "checkpoint_every": 250}
 
 
 def _subset(items: list, n: int | None, seed: int) -> list:
