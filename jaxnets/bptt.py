@@ -589,13 +589,28 @@ class FactoredJacobians(NamedTuple):
         ])
 
     def dense(self) -> Array:
-        return self._each(_dense_from_factors)
+        return _fj_dense(self)
 
     def matvec(self, v: Array) -> Array:
-        return self._each(_factored_matvec, v)
+        return _fj_matvec(self, v)
 
     def rmatvec(self, u: Array) -> Array:
-        return self._each(_factored_rmatvec, u)
+        return _fj_rmatvec(self, u)
+
+
+@jax.jit
+def _fj_dense(fj: FactoredJacobians) -> Array:
+    return fj._each(_dense_from_factors)
+
+
+@jax.jit
+def _fj_matvec(fj: FactoredJacobians, v: Array) -> Array:
+    return fj._each(_factored_matvec, v)
+
+
+@jax.jit
+def _fj_rmatvec(fj: FactoredJacobians, u: Array) -> Array:
+    return fj._each(_factored_rmatvec, u)
 
 
 def _structured_jacobian(cell: _Cell, params: tuple, S: Array, u: Array, m) -> Array:
@@ -1122,14 +1137,18 @@ def pascanu_bound(
 
     Returns the bound at each lag t - k.
     """
-    w = jnp.asarray(weight_hh)
-    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+    shape = np.shape(weight_hh)
+    if len(shape) != 2 or shape[0] != shape[1]:
         raise ValueError(
             f"weight_hh: expected a square (H, H) matrix (an RNN's recurrent weight), "
-            f"got shape {w.shape}"
+            f"got shape {shape}"
         )
-    sigma = jnp.linalg.norm(w, ord=2)
-    return (sigma * gamma) ** jnp.asarray(lags, w.dtype)
+    return _pascanu(jnp.asarray(weight_hh), jnp.asarray(lags), gamma)
+
+
+@jax.jit
+def _pascanu(w, lags, gamma):
+    return (jnp.linalg.norm(w, ord=2) * gamma) ** lags.astype(w.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("num", "burn_in"))

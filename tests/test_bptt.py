@@ -22,16 +22,32 @@ CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 
 def make(mode="rnn", hidden=3, num_layers=1, bidirectional=False, batch=2, time=5, features=2,
          packed=False, seed=0, dtype=jnp.float64, **kw):
-    """A layer, float ``dtype`` variables, input and lengths (call inside enable_x64 for f64)."""
+    """A layer, ``dtype`` variables, input and lengths (call inside enable_x64 for float64).
+
+    Drawn with numpy (PyTorch's U(-1/sqrt(H), 1/sqrt(H)) init, shapes from
+    ``jax.eval_shape(layer.init)``): eager JAX ops would each compile, and the suite must
+    stay fast.
+    """
     layer = CELLS[mode](hidden, num_layers=num_layers, bidirectional=bidirectional, **kw)
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(k1, (batch, time, features), dtype)
-    variables = layer.init(k2, x)
-    variables = jax.tree.map(lambda a: a.astype(dtype), variables)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, time, features))
+    shapes = jax.eval_shape(layer.init, jax.random.key(0), jax.ShapeDtypeStruct(x.shape, dtype))
+    bound = 1.0 / np.sqrt(hidden)
+    variables = jax.tree.map(
+        lambda s: jnp.asarray(rng.uniform(-bound, bound, s.shape), dtype), shapes
+    )
     lengths = None
     if packed:
-        lengths = jax.random.randint(k3, (batch,), 1, time + 1).at[0].set(time)
-    return layer, variables, x, lengths
+        lengths = rng.integers(1, time + 1, batch)
+        lengths[0] = time
+        lengths = jnp.asarray(lengths, jnp.int32)
+    return layer, variables, jnp.asarray(x, dtype), lengths
+
+
+def spectral_scale(W, sigma):
+    """W rescaled to largest singular value ``sigma`` (numpy: no compile)."""
+    Wn = np.asarray(W)
+    return jnp.asarray(Wn * (sigma / max(np.linalg.norm(Wn, 2), 1e-300)), W.dtype)
 
 
 def slow(*cases):
@@ -100,9 +116,9 @@ def _apply(layer, variables, x, lengths=None):
 
 
 @pytest.mark.parametrize("mode,num_layers,bidirectional", [
-    ("lstm", 2, True), ("gru", 2, False),
+    ("lstm", 1, True), ("gru", 2, False),
     *slow(("rnn", 1, False), ("rnn", 2, True), ("gru", 2, True), ("lstm", 1, False),
-          ("lstm", 2, False)),
+          ("lstm", 2, False), ("lstm", 2, True)),
 ])
 def test_trajectory_matches_layer(mode, num_layers, bidirectional):
     with jax.enable_x64(True):
@@ -173,7 +189,7 @@ def test_jacobians_match_finite_differences(mode, num_layers):
             np.testing.assert_allclose(J[k], fd, atol=1e-8)
 
 
-@pytest.mark.parametrize("mode", ["lstm", *slow("rnn", "gru")])
+@pytest.mark.parametrize("mode", ["rnn", *slow("lstm", "gru")])
 def test_stacked_jacobian_is_block_lower_triangular(mode):
     """Upper blocks are exactly zero; diagonal block l is the one-layer Jacobian of layer l
     fed with layer l-1's outputs (an independent run of a one-layer layer)."""
@@ -202,13 +218,12 @@ def test_jacobian_methods_agree(mode, num_layers, bidirectional, packed):
         layer, v, x, lengths = make(mode, num_layers=num_layers, bidirectional=bidirectional,
                                     packed=packed, batch=3)
         ref = bptt.step_jacobians(layer, v, x, lengths, method="jacfwd")
-        for method in ("jacrev", "structured", "auto"):
-            got = bptt.step_jacobians(layer, v, x, lengths, method=method)
-            np.testing.assert_allclose(got, ref, atol=1e-13, err_msg=method)
+        got = bptt.step_jacobians(layer, v, x, lengths, method="structured")
+        np.testing.assert_allclose(got, ref, atol=1e-13)
         if bidirectional or num_layers == 1:
             F = bptt.factored_jacobians(layer, v, x, lengths)
             np.testing.assert_allclose(F.dense(), ref, atol=1e-13)
-            u = jax.random.normal(jax.random.key(3), ref.shape[:-1], ref.dtype)
+            u = jnp.asarray(np.random.default_rng(3).standard_normal(ref.shape[:-1]), ref.dtype)
             np.testing.assert_allclose(F.matvec(u), jnp.einsum("...ij,...j->...i", ref, u),
                                        atol=1e-13)
             np.testing.assert_allclose(F.rmatvec(u), jnp.einsum("...ij,...i->...j", ref, u),
@@ -276,7 +291,7 @@ configs = st.fixed_dictionaries({
 def _methods(cfg):
     single = cfg["bidirectional"] or cfg["num_layers"] == 1
     return st.tuples(st.sampled_from(["recursion", "products"]),
-                     st.sampled_from(["auto", "jacfwd"] + (["factored"] if single else [])))
+                     st.sampled_from(["auto", "jacfwd", "jacrev"] + (["factored"] if single else [])))
 
 
 def _check_explicit_float64(cfg, many_to_many, method, jmethod):
@@ -302,7 +317,7 @@ def _check_explicit_float32(cfg, many_to_many):
     assert rel_err(res.grads, ref_grad(layer, v, x, loss_fn, lengths)) <= 1e-5
 
 
-@settings(max_examples=4, deadline=None, derandomize=True)
+@settings(max_examples=3, deadline=None, derandomize=True)
 @given(cfg=configs, many_to_many=st.booleans(), data=st.data())
 def test_explicit_bptt_equals_jax_grad_float64(cfg, many_to_many, data):
     _check_explicit_float64(cfg, many_to_many, *data.draw(_methods(cfg)))
@@ -337,8 +352,7 @@ def test_state_grads_at_zero_are_the_initial_state_gradient(mode, num_layers):
         L = num_layers
         layer, v, x, _ = make(mode, num_layers=L, time=4)
         loss_fn = a_loss(layer, True)
-        k = jax.random.key(9)
-        h0 = jax.random.normal(k, (L, 2, 3), jnp.float64)
+        h0 = jnp.asarray(np.random.default_rng(9).standard_normal((L, 2, 3)))
         init = (h0, jnp.cos(h0)) if mode == "lstm" else h0
         res = bptt.explicit_bptt(layer, v, x, loss_fn, initial_state=init)
         sg = bptt.state_gradients(layer, v, x, loss_fn, initial_state=init)
@@ -368,9 +382,7 @@ def test_many_to_one_is_the_notes_product_formula():
 
 
 def test_explicit_bptt_jits_once(key):
-    layer = GRU(4)
-    x = jax.random.normal(key, (2, 6, 3))
-    v = layer.init(key, x)
+    layer, v, x, _ = make("gru", hidden=4, time=6, features=3, dtype=jnp.float32)
     loss_fn = a_loss(layer, False)
 
     @jax.jit
@@ -385,9 +397,7 @@ def test_explicit_bptt_jits_once(key):
 
 
 def test_explicit_bptt_without_per_step(key):
-    layer = LSTM(3)
-    x = jax.random.normal(key, (2, 4, 2))
-    v = layer.init(key, x)
+    layer, v, x, _ = make("lstm", time=4, dtype=jnp.float32)
     loss_fn = a_loss(layer, True)
     res = bptt.explicit_bptt(layer, v, x, loss_fn, per_step=False, jacobian_method="factored")
     assert res.contributions is None
@@ -439,11 +449,8 @@ def test_product_spectra_match_a_python_loop():
 
 def test_long_products_do_not_underflow(key):
     """sigma_max(W_hh) = 0.5 over 300 steps: the product is ~1e-90, far below float32."""
-    layer = RNN(8)
-    x = jax.random.normal(key, (1, 300, 2))
-    v = layer.init(key, x)
-    W = v["params"]["l0"]["weight_hh"]
-    v["params"]["l0"]["weight_hh"] = 0.5 * W / jnp.linalg.norm(W, ord=2)
+    layer, v, x, _ = make("rnn", hidden=8, batch=1, time=300, dtype=jnp.float32)
+    v["params"]["l0"]["weight_hh"] = spectral_scale(v["params"]["l0"]["weight_hh"], 0.5)
     logn = bptt.product_log_norms(bptt.step_jacobians(layer, v, x))[0, 0]
     assert bool(jnp.all(jnp.isfinite(logn)))
     assert float(logn[-1]) < 300 * np.log(0.5) + 1e-3  # under the Pascanu bound
@@ -456,8 +463,7 @@ def test_pascanu_bound_holds(sigma, scale, seed, hidden):
     """||dh_t/dh_k||_2 <= (sigma_max(W_hh) * 1)^(t-k) for every pair k < t (tanh RNN)."""
     with jax.enable_x64(True):
         layer, v, x, _ = make("rnn", hidden=hidden, time=8, batch=2, seed=seed)
-        W = v["params"]["l0"]["weight_hh"]
-        v["params"]["l0"]["weight_hh"] = sigma * W / max(float(jnp.linalg.norm(W, ord=2)), 1e-12)
+        v["params"]["l0"]["weight_hh"] = spectral_scale(v["params"]["l0"]["weight_hh"], sigma)
         x = scale * x
         J = np.asarray(bptt.step_jacobians(layer, v, x)[0])
         bound = np.asarray(bptt.pascanu_bound(v["params"]["l0"]["weight_hh"], np.arange(9)))
@@ -480,8 +486,7 @@ def test_lyapunov_sum_rule_and_bruteforce():
     the growth of a perturbed trajectory under the nonlinear step (no Jacobians)."""
     with jax.enable_x64(True):
         layer, v, x, _ = make("rnn", hidden=4, time=200, batch=2)
-        W = v["params"]["l0"]["weight_hh"]
-        v["params"]["l0"]["weight_hh"] = 2.5 * W / jnp.linalg.norm(W, ord=2)
+        v["params"]["l0"]["weight_hh"] = spectral_scale(v["params"]["l0"]["weight_hh"], 2.5)
         x = 0.3 * x
         J = bptt.step_jacobians(layer, v, x)
         lam = bptt.lyapunov_spectrum(J)
@@ -491,7 +496,7 @@ def test_lyapunov_sum_rule_and_bruteforce():
         np.testing.assert_allclose(lam.sum(-1), logdet, rtol=1e-10)
         brute = bptt.largest_lyapunov_bruteforce(layer, v, x, eps=1e-8)
         np.testing.assert_allclose(brute, lam[..., 0], atol=1e-6)  # same start e_1
-        d = jax.random.normal(jax.random.key(4), (4,), jnp.float64)
+        d = jnp.asarray(np.random.default_rng(4).standard_normal(4))
         brute_r = bptt.largest_lyapunov_bruteforce(layer, v, x, direction=d, burn_in=20)
         lam_b = bptt.lyapunov_spectrum(J, 1, burn_in=20)
         np.testing.assert_allclose(brute_r, lam_b[..., 0], atol=0.02)  # any start converges
