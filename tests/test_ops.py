@@ -98,9 +98,12 @@ def test_fused_scan_equals_autodiff_of_scan_layer(cell, packed, reverse, chunk, 
 
 
 @pytest.mark.parametrize("make", [
-    lambda **kw: rnn.LSTM(6, bidirectional=True, **kw),
     lambda **kw: rnn.GRU(6, num_layers=2, **kw),
-    lambda **kw: rnn.RNN(6, nonlinearity="relu", bidirectional=True, **kw),
+    pytest.param(lambda **kw: rnn.LSTM(6, bidirectional=True, **kw), marks=pytest.mark.slow),
+    pytest.param(
+        lambda **kw: rnn.RNN(6, nonlinearity="relu", bidirectional=True, **kw),
+        marks=pytest.mark.slow,
+    ),
 ])  # fmt: skip
 def test_layer_fused_equals_scan_and_remat_changes_nothing(make, key):
     """Whole layers in float32: impl="fused" gives the reference impl="scan" outputs and
