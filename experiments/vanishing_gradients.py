@@ -41,7 +41,7 @@ class Config:
     """Gradient-norm-versus-lag curves, the sigma_max sweep and the clipping test.
 
     Command line: ``python -m experiments.vanishing_gradients [--seq-len 50] [--train-steps 800]``
-    Runtime: about 35 s of CPU (1 minute on 2 laptop cores; ``--quick``: about 15 s).
+    Runtime: about 30 s of CPU (40 s wall on 2 shared cores; ``--quick``: about 15 s).
     Expected (seed 0): log-slopes per step at init -0.57 (tanh RNN), -0.50 (LSTM), -0.48
     (GRU); after 800 Adam steps the gated cells keep their gradient over all 50 steps
     (slopes about -0.01) while the RNN's still vanishes (-0.65); sigma_max = 0.5 / 0.9 give
@@ -308,8 +308,8 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
     for label, r in results["spikes"].items():
         div = f"yes (step {r['diverged_at']})" if r["diverged"] else "no"
         gm = r["grad_max_over_median"]
-        lines.append(f"| {label} | {div} | {r['loss_max_over_median']:.1f} | "
-                     f"{'n/a' if gm is None else f'{gm:.1f}'} | {r['spiked']} |")
+        lines.append(f"| {label} | {div} | {r['loss_max_over_median']:.3g} | "
+                     f"{'n/a' if gm is None else f'{gm:.3g}'} | {r['spiked']} |")
     lines += [
         "",
         "![lag curves](lag_curves.png)",

@@ -39,11 +39,18 @@ Lag means T - k: lag 0 is the final state, lag T the initial state. With ``lengt
 
 Dropout between layers is not applied: the analysis is of the deterministic layer.
 
-Main entry points: `step_jacobians`, `explicit_bptt`, `state_gradients` (matrix-free
-dL/ds_k), `lag_curve`, `product_log_singular_values`, `pascanu_bound`,
-`lyapunov_spectrum` / `largest_lyapunov_bruteforce`, `truncated_apply` / `TruncatedBPTT`
-(truncated BPTT(k1, k2) as a training option), `matrix_free_singular_values` /
-`matrix_free_product_norms`.
+Main entry points: `step_jacobians` (dense J) and `factored_jacobians` (the same J
+exactly, O(T n) memory), `explicit_bptt`, `state_gradients` (matrix-free dL/ds_k),
+`lag_curve`, `product_log_singular_values`, `pascanu_bound`, `lyapunov_spectrum` /
+`largest_lyapunov_bruteforce`, `truncated_apply` / `TruncatedBPTT` (truncated
+BPTT(k1, k2) as a training option), `matrix_free_singular_values` /
+`matrix_free_product_norms`; `RecurrentReadout` / `readout_parts` (the experiments' model).
+
+The functions taking ``(layer, variables, x, ...)`` validate their arguments eagerly
+(clear errors) and then run as one ``jax.jit`` executable with the layer and the options
+static: pass the same (module-level) ``loss_fn`` to reuse the compilation, and the data it
+needs (targets, a readout's weights) as ``loss_args``. They can also be called inside
+your own ``jit``.
 """
 
 from __future__ import annotations
@@ -87,6 +94,7 @@ __all__ = [
     "state_gradients",
     "step_jacobians",
     "trajectory",
+    "Trajectory",
     "truncated_apply",
     "truncated_grad",
 ]
@@ -353,11 +361,11 @@ class _Forward(NamedTuple):
     params: list  # per chain: tuple of cell params
 
 
-def _forward(st: _Setup, eps=None, params=None) -> _Forward:
+def _forward(st: _Setup, eps=None) -> _Forward:
     """Run every chain of the layer (bidirectional: layer by layer, the next layer reading
     both directions' outputs)."""
     cell = st.cell
-    params = st.params if params is None else params
+    params = st.params
     if not cell.bidirectional:
         (ch,) = st.chains
         P = tuple(params[g] for g in ch.groups)
