@@ -56,6 +56,9 @@ def run_one(mod: types.ModuleType, out: Path, *, quick: bool, devices: int, prog
             print(f"[tour] {name}: config changed since the last tour; rerunning from scratch",
                   file=sys.stderr)
             shutil.rmtree(workdir)
+        res_path = workdir / "results.json"
+        if (workdir / "DONE").exists() and res_path.exists() and "skipped" in runs.read_json(res_path):
+            shutil.rmtree(workdir)  # a skip (e.g. data not on disk) is re-checked every tour
         reused = (workdir / "DONE").exists()
         print(f"[tour] {name}: {'reusing finished run' if reused else 'running'} in {workdir}",
               file=sys.stderr)
@@ -64,6 +67,8 @@ def run_one(mod: types.ModuleType, out: Path, *, quick: bool, devices: int, prog
             progress=progress,
         )
         entry["results"] = results
+        if isinstance(results, dict) and "skipped" in results:
+            entry["status"] = "skipped"
         entry["reused"] = reused
         info = runs.RunDir(workdir).info()
         entry["runtime_s"] = info.get("runtime_s", time.perf_counter() - t0)
@@ -81,6 +86,8 @@ def _section(entry: dict, out: Path) -> str:
     lines.append(f"Run directory: `{entry['workdir']}` · runtime {entry['runtime_s']:.1f} s"
                  + (" (reused from an earlier tour)" if entry.get("reused") else ""))
     lines.append("")
+    if entry["status"] == "skipped":
+        return "\n".join(lines + [f"Skipped: {entry['results']['skipped']}", ""])
     if entry["status"] != "ok":
         tail = "\n".join(entry["error"].strip().splitlines()[-15:])
         lines += ["**FAILED**", "", "```", tail, "```", ""]
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=not a.no_progress)
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
-    failed = [e["name"] for e in entries if e["status"] != "ok"]
+    failed = [e["name"] for e in entries if e["status"] == "failed"]
     print(f"[tour] report: {report}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -88,3 +88,22 @@ def test_plot_helpers_write_pngs_and_check_shapes(tmp_path):
         plots.lines([1, 2], {"x": [1, 2, 3]}, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="2-D"):
         plots.heatmap(np.zeros(3), tmp_path / "bad.png")
+
+
+def test_a_skipped_experiment_is_reported_and_rechecked_next_tour(tmp_path):
+    calls = []
+    mod = _fake("needs_data", False)
+
+    def run(cfg, run_dir):
+        calls.append(1)
+        return {"skipped": "the data set is not on disk"} if len(calls) == 1 else {"x": 2}
+
+    mod.run = run
+    report, entries = tour.run_tour(tmp_path, modules=[mod], progress=False)
+    assert entries[0]["status"] == "skipped"
+    text = report.read_text()
+    assert "| skipped |" in text and "Skipped: the data set is not on disk" in text
+    # the data appeared: the next tour runs the experiment instead of reusing the skip
+    report, entries = tour.run_tour(tmp_path, modules=[mod], progress=False)
+    assert entries[0]["status"] == "ok" and entries[0]["results"] == {"x": 2} and len(calls) == 2
+    assert "x = 2" in report.read_text()
