@@ -18,6 +18,8 @@ def test_quick_run_writes_errors_and_gradient_norms(tmp_path):
         # depth 8 = stem + 3 stages x 1 block x 2 convs + the Linear head: 7 convs
         assert r["conv_layers"] == 7 and len(r["grad_norms_at_init"]) == 7
         assert all(g > 0 for g in r["grad_norms_at_init"])
+        no_bn = r["grad_norms_at_init_no_bn"]  # inference-mode BN at init: no normalisation
+        assert len(no_bn) == 7 and all(g > 0 for g in no_bn) and no_bn != r["grad_norms_at_init"]
     # Option A shortcuts are parameter-free: the twins have the same parameter count.
     assert on_disk["plain8"]["params"] == on_disk["resnet8"]["params"]
     assert results["claims"]["dataset"] == "mnist1d"
