@@ -69,7 +69,7 @@ class Config:
     batch_size: int = 64
     lr: float = 2e-3
     optimizer: Literal["adam", "sgd"] = "adam"
-    train_examples: int = 0  # 0: the whole training set (1437 images); n: its first n
+    train_examples: int = 0  # 0: the whole training set (1438 images); n: its first n
     log_every: int = 50
 
 

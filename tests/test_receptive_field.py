@@ -40,3 +40,15 @@ def test_accuracy_gap_standard_error():
     assert abs(gap["difference_se"] - (0.0004 / 3) ** 0.5) < 1e-12
     assert gap["within_noise"] is False  # |-0.03| > 2 * 0.0115
     assert accuracy_gap([0.9], [0.8])["within_noise"] is None
+
+
+def test_train_examples_out_of_range_is_a_clear_error(tmp_path):
+    import pytest
+
+    from jaxnets import runs
+
+    with pytest.raises(ValueError, match=r"train_examples must be in \[0, 1438\], got 5000"):
+        runs.run_experiment(
+            "receptive_field", {"train_examples": 5000}, tmp_path / "r", quick=True,
+            progress=False,
+        )  # fmt: skip
