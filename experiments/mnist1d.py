@@ -51,8 +51,9 @@ class Config:
     last 400 training examples and scores on them (CNN, 3 seeds, % on validation: decay 0
     90.1 ± 1.5, 0.03 91.2 ± 1.1, 0.1 92.7 ± 1.3, 0.3 90.0 ± 2.0). Models: logistic
     regression; MLP with two 100-unit ReLU layers (residual second layer); CNN with three
-    stride-2 convolutions of 25 channels (kernels 5, 3, 3) and a linear readout; bidirectional GRU with 6 units per direction whose outputs
-    at all 40 steps feed a linear readout.
+    stride-2 convolutions of 25 channels (kernels 5, 3, 3) and a linear readout;
+    bidirectional GRU with 6 units per direction whose outputs at all 40 steps feed a
+    linear readout.
 
     Command line: ``python -m experiments.mnist1d [--steps 6000] [--seeds 3] [--models cnn gru]``
     Runtime: 1 min 41 s wall (2 min 11 s user CPU) on a quiet 2-core machine;
