@@ -24,7 +24,7 @@ reaches 0.888 / 0.944).
 Result (3 seeds): on digits a small CNN trained from scratch already reaches 0.905 with 5
 labels per class, which leaves under 10 points of headroom; transfer from digits 0-4 does not
 beat it (fine-tune within 1 point of scratch everywhere, freeze and per-group LR
-0.4-2.0 points below), so the issue's bar (fine-tune and freeze +10 points over scratch at <= 20
+0.4-2.0 points below), so the target (fine-tune and freeze +10 points over scratch at <= 20
 labels per class) is not met. On MNIST-1D, where scratch is weaker (0.752 at 5 labels per
 class), fine-tuning gains +6.2 and +6.8 points at 5 and 10 labels per class (3.9 and 2.7
 std of the difference) and per-group LR +4.3 and +5.3; freezing gains +3.1 and +3.7 (about
@@ -279,7 +279,7 @@ def check_bar(results: dict) -> dict:
     """Per setting, method and label count <= 20: does it beat scratch by > 2 std and 10 points?
 
     std is that of the difference of the two means' seeds, sqrt(std_m^2 + std_scratch^2).
-    ``passed`` is the issue's bar: fine-tune and freeze on digits, every such cell.
+    ``passed`` is the target: fine-tune and freeze on digits, every such cell.
     """
     out: dict = {}
     for name in SETTINGS:

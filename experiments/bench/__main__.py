@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def jacobians(args) -> dict:
-    """Helper "bptt"'s measurement (``experiments/bench/jacobians.py``), when present."""
+    """The BPTT toolkit's measurement (``experiments/bench/jacobians.py``), when present."""
     if importlib.util.find_spec("experiments.bench.jacobians") is None:
         return {"missing": "experiments/bench/jacobians.py not present"}
     from experiments.bench import jacobians as jac

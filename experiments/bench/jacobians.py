@@ -1,6 +1,6 @@
 """Per-step Jacobians, explicit BPTT and lag curves against one ``jax.grad`` (tanh RNN, LSTM).
 
-Shape: batch B = 16, T = 200 steps, 32 input features, H = 256 units (the issue's H and T;
+Shape: batch B = 16, T = 200 steps, 32 input features, H = 256 units (the H and T of the recurrent benchmarks;
 B = 16 keeps the dense LSTM Jacobians, B T (2H)^2 floats = 3.4 GB, inside a laptop's
 memory). Loss: many-to-one, ``sum(outputs[:, -1] ** 2)``. Every candidate is one jitted
 call, blocking, timed interleaved with the others (`experiments.bench.timing`) after a
@@ -23,8 +23,8 @@ explicit BPTT and the lag curve at T = 10 and T = 1000: time is a ``lax.scan``, 
 not grow with T.
 
 ``python -m experiments.bench.jacobians [--quick]`` prints a markdown table; ``measure()``
-returns the numbers. Goals (issue 4): all per-step Jacobians <= 5x one gradient; issue 8:
-<= 3x and the lag curve <= 1.5x.
+returns the numbers. Targets: all per-step Jacobians <= 3x one gradient (5x at most), the
+lag curve <= 1.5x, compile time flat in T.
 """
 
 from __future__ import annotations

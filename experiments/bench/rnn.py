@@ -26,7 +26,7 @@ LR = 0.01
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """The issue's shapes: B = 64, T = 100, I = 32, H = 256."""
+    """The benchmark shapes: B = 64, T = 100, I = 32, H = 256."""
 
     batch: int = 64
     time: int = 100
