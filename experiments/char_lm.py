@@ -34,10 +34,11 @@ class Config:
     """Char LSTM vs modified Kneser-Ney n-grams on the fortunes collection.
 
     Command line: ``python -m experiments.char_lm [--hidden 512] [--steps 6000]``
-    Runtime: see readme-seq.md for the measured figures of the full config (tens of
-    minutes on 2 CPU cores); ``--quick``: under a minute; tour: about 1.5 minutes.
-    Expected: best n-gram (n = 6) about 2.20 bits/char on test; the LSTM at least 10%
-    lower (<= 1.98).
+    Runtime: the full config took 33 min of CPU time (measured on a shared machine; the
+    n-gram part under a minute); ``--quick``: under a minute; tour: about 20 s.
+    Measured (seed 0): Kneser-Ney 6-gram 2.197 bits/char on test, the LSTM 2.111 (3.9%
+    lower). The target, 10% lower (<= 1.98), needs more than this config: with dropout 0
+    the LSTM overfits the 2 MB corpus (training 1.77, validation 2.10 bits/char).
     """
 
     seed: int = 0

@@ -35,8 +35,10 @@ class Config:
     """Fortune-collection classification with four recurrent models and a baseline.
 
     Command line: ``python -m experiments.text_classification [--models lstm bilstm]``
-    Runtime: see readme-seq.md (minutes on 2 CPU cores); ``--quick``: under a minute;
-    tour: about 1.5 minutes.
+    Runtime: the full config took 5 min of CPU time (measured on a shared machine);
+    ``--quick``: under a minute; tour: about 40 s.
+    Measured (seed 0, test accuracy): bag of characters 0.848, tanh RNN 0.706, LSTM 0.832,
+    GRU 0.883, bi-LSTM 0.861.
     Expected: gated models (LSTM/GRU/bi-LSTM) well above the tanh RNN, which struggles to
     carry information over hundreds of characters; bag of characters is a strong
     order-free baseline.
