@@ -25,8 +25,8 @@ Result (3 seeds): on digits a small CNN trained from scratch already reaches 0.9
 labels per class, which leaves under 10 points of headroom; transfer from digits 0-4 does not
 beat it (fine-tune within 1 point of scratch everywhere, freeze and per-group LR
 0.4-2.0 points below), so the target (fine-tune and freeze +10 points over scratch at <= 20
-labels per class) is not met. On MNIST-1D, where scratch is weaker (0.752 at 5 labels per
-class), fine-tuning gains +6.2 and +6.8 points at 5 and 10 labels per class (3.9 and 2.7
+labels per class) is not met. On MNIST-1D, where scratch is weaker (0.759 at 5 labels per
+class), fine-tuning gains +6.3 and +6.8 points at 5 and 10 labels per class (3.9 and 2.7
 std of the difference) and per-group LR +4.3 and +5.3; freezing gains +3.1 and +3.7 (about
 1.2 std), and with 20 or more labels the differences shrink to between -2.2 and +2.0 points.
 
