@@ -27,7 +27,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxnets import data, plots, runs, train
 from jaxnets.models import get_model
@@ -114,15 +113,6 @@ class AugmentedBatches:
         return b
 
 
-def he_schedule(lr: float, milestones: tuple[int, ...], warmup: int = 0) -> optax.Schedule:
-    """He et al.'s steps: ``lr``, divided by 10 at each milestone; ``lr / 10`` for the first
-    ``warmup`` steps (their ResNet-110 warm-up: 0.01 until training gets going, then 0.1)."""
-    boundaries = {m: 0.1 for m in milestones}
-    if warmup:
-        return optax.piecewise_constant_schedule(lr / 10, {warmup: 10.0, **boundaries})
-    return optax.piecewise_constant_schedule(lr, boundaries)
-
-
 DEFAULT_DIR = "data/cifar-10-batches-py"
 
 
@@ -172,7 +162,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     warmup = cfg.warmup_steps
     if warmup < 0:
         warmup = 400 if cfg.model.endswith("resnet110") else 0
-    schedule = he_schedule(cfg.lr, cfg.milestones, warmup)
+    schedule = train.he_schedule(cfg.lr, cfg.milestones, warmup)
     tx = train.make_optimizer("sgd", schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     trainer = train.Trainer(model, train.cross_entropy_loss, tx, schedule=schedule)
     batch_fn = AugmentedBatches(

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.cifar10 import he_schedule
 from jaxnets import data, plots, runs, train
 from jaxnets.models import cifar_resnet
 from jaxnets.models.probes import layer_grad_norms
@@ -99,7 +98,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     grad_idx = rng.choice(len(ds.y_train), min(cfg.grad_batch, len(ds.y_train)), replace=False)
     grad_x, grad_y = jnp.asarray(ds.x_train[grad_idx]), jnp.asarray(ds.y_train[grad_idx])
     # He et al.: lr / 10 at 50% and 75% of training (32k, 48k of 64k), after a warm-up at lr / 10.
-    schedule = he_schedule(cfg.lr, (cfg.steps // 2, 3 * cfg.steps // 4), cfg.warmup_steps)
+    schedule = train.he_schedule(cfg.lr, (cfg.steps // 2, 3 * cfg.steps // 4), cfg.warmup_steps)
     tx = train.make_optimizer("sgd", schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def one(depth: int, plain: bool):

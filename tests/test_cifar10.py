@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import cifar10
-from jaxnets import runs
+from jaxnets import runs, train
 
 
 def _write_fake_cifar(directory, n_per_batch=8, seed=0):
@@ -83,9 +83,13 @@ def test_augment_is_pad_crop_flip():
 
 
 def test_he_schedule_steps_and_warmup():
-    s = cifar10.he_schedule(0.1, (32_000, 48_000))
+    s = train.he_schedule(0.1, (32_000, 48_000))
     assert [float(s(t)) for t in (0, 31_999, 32_000, 48_000)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.001]
     )
-    w = cifar10.he_schedule(0.1, (32_000, 48_000), warmup=400)
+    w = train.he_schedule(0.1, (32_000, 48_000), warmup=400)
     assert [float(w(t)) for t in (0, 399, 400, 40_000)] == pytest.approx([0.01, 0.01, 0.1, 0.01])
+    with pytest.raises(ValueError, match=r"milestones must be strictly increasing.*\(48000, 32000\)"):
+        train.he_schedule(0.1, (48_000, 32_000))
+    with pytest.raises(ValueError, match=r"warmup must be in \[0, first milestone 100\), got 100"):
+        train.he_schedule(0.1, (100, 200), warmup=100)
