@@ -84,9 +84,7 @@ def load(cfg: Config) -> data.Dataset:
     )
     if cfg.train_examples:
         n = cfg.train_examples
-        ds = data.Dataset(
-            ds.x_train[:n], ds.y_train[:n], ds.x_test, ds.y_test, ds.num_classes, name=ds.name
-        )
+        ds = dataclasses.replace(ds, x_train=ds.x_train[:n], y_train=ds.y_train[:n])
     return ds
 
 

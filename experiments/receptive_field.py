@@ -162,9 +162,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         )
     if cfg.train_examples:  # fewer labels: a task that is not saturated at ~99%
         n = cfg.train_examples
-        ds = data.Dataset(
-            ds.x_train[:n], ds.y_train[:n], ds.x_test, ds.y_test, ds.num_classes, name=ds.name
-        )
+        ds = dataclasses.replace(ds, x_train=ds.x_train[:n], y_train=ds.y_train[:n])
     batch_fn = data.Batches(ds.train, cfg.batch_size, seed=cfg.seed)
     tx = train.make_optimizer(cfg.optimizer, cfg.lr, total_steps=cfg.steps, schedule="cosine")
 
