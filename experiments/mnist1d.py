@@ -176,7 +176,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         )
     if cfg.seeds < 1:
         raise ValueError(f"mnist1d: seeds must be >= 1, got {cfg.seeds}")
-    n_train = cfg.num_samples * 4 // 5
+    n_train = len(load_mnist1d(num_samples=cfg.num_samples).train["y"])  # generated once, cached
     if not 0 <= cfg.validation <= n_train - cfg.batch_size:
         raise ValueError(
             f"mnist1d: validation must be in [0, {n_train - cfg.batch_size}] (the "
