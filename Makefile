@@ -25,6 +25,7 @@ test-slow: install
 
 lint: install
 	$(PY) -m ruff check jaxnets experiments tests
+	$(PY) -m ruff format --check jaxnets experiments tests
 
 bench: install
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || echo "torch==2.13.0 not installable here: the torch column will say so"

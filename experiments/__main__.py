@@ -25,8 +25,9 @@ def discover() -> list[types.ModuleType]:
         try:
             mod = importlib.import_module(f"experiments.{info.name}")
         except Exception as e:  # noqa: BLE001 - listed as broken, not fatal
-            print(f"experiments.{info.name}: import failed: {type(e).__name__}: {e}",
-                  file=sys.stderr)
+            print(
+                f"experiments.{info.name}: import failed: {type(e).__name__}: {e}", file=sys.stderr
+            )
             continue
         if hasattr(mod, "Config") and hasattr(mod, "run"):
             mods.append(mod)
@@ -45,8 +46,9 @@ def main() -> None:
     for m in mods:
         name = m.__name__.rsplit(".", 1)[-1]
         print(f"{name:<{width}}  {describe(m)}")
-    print("\nrun one: python -m experiments.NAME [--quick] [--help]; "
-          "all: python -m experiments.tour")
+    print(
+        "\nrun one: python -m experiments.NAME [--quick] [--help]; all: python -m experiments.tour"
+    )
 
 
 if __name__ == "__main__":

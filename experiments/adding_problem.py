@@ -63,10 +63,17 @@ class Config:
     copy_length: int = 10
 
 
-QUICK = {"lengths": (20,), "cells": ("rnn", "lstm"), "hidden": 8, "steps": 20, "n_test": 100,
-         "eval_every": 20, "copy_delay": 5, "copy_steps": 10}
-TOUR = {"lengths": (100, 200), "hidden": 32, "steps": 800, "eval_every": 200,
-        "copy_steps": 300}
+QUICK = {
+    "lengths": (20,),
+    "cells": ("rnn", "lstm"),
+    "hidden": 8,
+    "steps": 20,
+    "n_test": 100,
+    "eval_every": 20,
+    "copy_delay": 5,
+    "copy_steps": 10,
+}
+TOUR = {"lengths": (100, 200), "hidden": 32, "steps": 800, "eval_every": 200, "copy_steps": 300}
 
 
 def adding_batches(batch_size: int, length: int, seed: int):
@@ -140,10 +147,15 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 batch_fn = adding_batches(cfg.batch_size, T, cfg.seed)
                 state = init_state(trainer, cfg, batch_fn(0))
                 res = trainer.fit(
-                    state, batch_fn, cfg.steps, run_dir=sub,
+                    state,
+                    batch_fn,
+                    cfg.steps,
+                    run_dir=sub,
                     eval_batches=lambda: data.eval_batches(test, 250),
-                    eval_every=cfg.eval_every, log_every=max(cfg.eval_every // 5, 1),
-                    checkpoint_every=cfg.eval_every, desc=f"adding T={T} {model.cell}",
+                    eval_every=cfg.eval_every,
+                    log_every=max(cfg.eval_every // 5, 1),
+                    checkpoint_every=cfg.eval_every,
+                    desc=f"adding T={T} {model.cell}",
                 )
                 return {"test_mse": res.eval["loss"]}
 
@@ -169,10 +181,15 @@ def _copy_task(cfg: Config, run_dir: runs.RunDir, tx, tbptt) -> dict:
 
             state = init_state(trainer, cfg, batch_fn(0))
             res = trainer.fit(
-                state, batch_fn, cfg.copy_steps, run_dir=sub,
+                state,
+                batch_fn,
+                cfg.copy_steps,
+                run_dir=sub,
                 eval_batches=lambda: data.eval_batches(test, 250),
-                eval_every=cfg.eval_every, log_every=max(cfg.eval_every // 5, 1),
-                checkpoint_every=cfg.eval_every, desc=f"copy T={delay} {model.cell}",
+                eval_every=cfg.eval_every,
+                log_every=max(cfg.eval_every // 5, 1),
+                checkpoint_every=cfg.eval_every,
+                desc=f"copy T={delay} {model.cell}",
             )
             return {"test_ce": res.eval["loss"], "copy_accuracy": res.eval["copy_accuracy"]}
 
@@ -189,8 +206,7 @@ def _plots(cfg: Config, results: dict, run_dir: runs.RunDir) -> None:
     width = 0.8 / len(cfg.cells)
     for i, cell in enumerate(cfg.cells):
         vals = [results[t][cell] for t in Ts]
-        ax.bar(np.arange(len(Ts)) + (i - (len(cfg.cells) - 1) / 2) * width, vals, width,
-               label=cell)
+        ax.bar(np.arange(len(Ts)) + (i - (len(cfg.cells) - 1) / 2) * width, vals, width, label=cell)
     ax.axhline(BASELINE_MSE, color="k", ls="--", lw=1, label="predict 1 (0.167)")
     ax.axhline(0.01, color="gray", ls=":", lw=1, label="bar 0.01 (T=100)")
     ax.set_xticks(np.arange(len(Ts)), Ts)
@@ -202,16 +218,23 @@ def _plots(cfg: Config, results: dict, run_dir: runs.RunDir) -> None:
     plt.close(fig)
     for T in cfg.lengths:
         recs = {cell: run_dir.sub(f"T{T}-{cell}").metrics() for cell in cfg.cells}
-        plots.metric_curves(recs, run_dir.plot_path(f"adding_T{T}_curves"),
-                            keys=("loss", "eval_loss"), logy=True,
-                            title=f"Adding problem T={T}: MSE (predict-1 baseline 0.167)")
+        plots.metric_curves(
+            recs,
+            run_dir.plot_path(f"adding_T{T}_curves"),
+            keys=("loss", "eval_loss"),
+            logy=True,
+            title=f"Adding problem T={T}: MSE (predict-1 baseline 0.167)",
+        )
     key = f"copy{cfg.copy_delay}"
     if key in results:
         recs = {cell: run_dir.sub(f"{key}-{cell}").metrics() for cell in cfg.cells}
-        plots.metric_curves(recs, run_dir.plot_path("copy_curves"),
-                            keys=("loss", "eval_loss", "eval_copy_accuracy"),
-                            title=f"Copy task, delay {cfg.copy_delay} (baseline CE "
-                                  f"{results[key]['baseline_ce']:.3f})")
+        plots.metric_curves(
+            recs,
+            run_dir.plot_path("copy_curves"),
+            keys=("loss", "eval_loss", "eval_copy_accuracy"),
+            title=f"Copy task, delay {cfg.copy_delay} (baseline CE "
+            f"{results[key]['baseline_ce']:.3f})",
+        )
 
 
 def _bar(T: int, cell: str, mse: float) -> tuple[str, bool | None]:
@@ -230,8 +253,7 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
         f"Budget: {cfg.get('steps', '?')} steps of batch {cfg.get('batch_size', '?')}, "
         f"hidden {cfg.get('hidden', '?')}, Adam lr {cfg.get('lr', '?')}, clip "
         f"{cfg.get('clip_norm', '?')}, LSTM forget bias {cfg.get('lstm_forget_bias', '?')}"
-        + (f", truncated BPTT {cfg['tbptt']}"
-                                              if cfg.get("tbptt") else "")
+        + (f", truncated BPTT {cfg['tbptt']}" if cfg.get("tbptt") else "")
         + " (the bars assume the full 4000-step budget).",
         "",
         "| T | cell | test MSE | bar | met |",
@@ -269,4 +291,3 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
 
 if __name__ == "__main__":
     runs.main(__name__)
-

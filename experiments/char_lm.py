@@ -64,11 +64,29 @@ class Config:
     checkpoint_every: int = 1000
 
 
-QUICK = {"hidden": 32, "embed": 16, "steps": 40, "seq_len": 32, "max_order": 4,
-         "max_train_chars": 60_000, "max_eval_chars": 8_000, "sample_chars": 60,
-         "log_every": 20, "eval_every": 0, "checkpoint_every": 40}
-TOUR = {"hidden": 128, "steps": 1000, "lr": 3e-3, "seq_len": 64, "max_eval_chars": 40_000,
-        "log_every": 50, "eval_every": 200, "checkpoint_every": 200}
+QUICK = {
+    "hidden": 32,
+    "embed": 16,
+    "steps": 40,
+    "seq_len": 32,
+    "max_order": 4,
+    "max_train_chars": 60_000,
+    "max_eval_chars": 8_000,
+    "sample_chars": 60,
+    "log_every": 20,
+    "eval_every": 0,
+    "checkpoint_every": 40,
+}
+TOUR = {
+    "hidden": 128,
+    "steps": 1000,
+    "lr": 3e-3,
+    "seq_len": 64,
+    "max_eval_chars": 40_000,
+    "log_every": 50,
+    "eval_every": 200,
+    "checkpoint_every": 200,
+}
 
 
 def _cut(stream: np.ndarray, n: int | None) -> np.ndarray:
@@ -85,55 +103,90 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
 
     # --- the n-gram baseline (order chosen on validation) ---
     t0 = time.perf_counter()
-    best, val_bits = ngram.select_order(streams["train"], streams["validation"], len(vocab),
-                                        cfg.max_order, pad_id=vocab.eos_id)
+    best, val_bits = ngram.select_order(
+        streams["train"], streams["validation"], len(vocab), cfg.max_order, pad_id=vocab.eos_id
+    )
     ngram_test = ngram.bits_per_symbol(best, streams["test"])
     ngram_seconds = time.perf_counter() - t0
 
     # --- the LSTM ---
-    model = M.LanguageModel(len(vocab), embed_dim=cfg.embed, hidden_size=cfg.hidden,
-                            cell=cfg.cell, num_layers=cfg.layers, dropout=cfg.dropout)
+    model = M.LanguageModel(
+        len(vocab),
+        embed_dim=cfg.embed,
+        hidden_size=cfg.hidden,
+        cell=cfg.cell,
+        num_layers=cfg.layers,
+        dropout=cfg.dropout,
+    )
 
     def fit(sub: runs.RunDir) -> dict:
-        tx = train.make_optimizer("adam", cfg.lr, clip_norm=1.0, schedule="cosine",
-                                  total_steps=cfg.steps, warmup_steps=min(200, cfg.steps // 10))
+        tx = train.make_optimizer(
+            "adam",
+            cfg.lr,
+            clip_norm=1.0,
+            schedule="cosine",
+            total_steps=cfg.steps,
+            warmup_steps=min(200, cfg.steps // 10),
+        )
         trainer = train.Trainer(model, tasks.token_loss, tx, forward=tasks.lm_forward)
         batch_fn = tasks.LMWindows(streams["train"], cfg.batch_size, cfg.seq_len, cfg.seed)
         val_windows = tasks.LMWindows(streams["validation"], 64, cfg.seq_len, cfg.seed + 1)
         state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
         t, c = time.perf_counter(), time.process_time()
-        res = trainer.fit(state, batch_fn, cfg.steps, run_dir=sub,
-                          eval_batches=(lambda: [val_windows(i) for i in range(4)]) if cfg.eval_every else None,
-                          eval_every=cfg.eval_every, log_every=cfg.log_every,
-                          checkpoint_every=cfg.checkpoint_every, desc="char lstm")
+        res = trainer.fit(
+            state,
+            batch_fn,
+            cfg.steps,
+            run_dir=sub,
+            eval_batches=(lambda: [val_windows(i) for i in range(4)]) if cfg.eval_every else None,
+            eval_every=cfg.eval_every,
+            log_every=cfg.log_every,
+            checkpoint_every=cfg.checkpoint_every,
+            desc="char lstm",
+        )
         minutes = (time.perf_counter() - t) / 60
         cpu_minutes = (time.process_time() - c) / 60
         v = res.state.variables
         out = {
             "validation_bpc": tasks.lm_bits_per_symbol(model, v, streams["validation"]),
             "test_bpc": tasks.lm_bits_per_symbol(model, v, streams["test"]),
-            "train_minutes": minutes, "train_cpu_minutes": cpu_minutes,
+            "train_minutes": minutes,
+            "train_cpu_minutes": cpu_minutes,
             "params": train.count_params(res.state.params),
             "samples": {},
         }
         prompt = jnp.asarray(np.concatenate([[vocab.eos_id], vocab.encode(cfg.prompt)]))
         for i, temp in enumerate(cfg.temperatures):
-            toks = M.generate(model, v, prompt, cfg.sample_chars,
-                              jax.random.fold_in(jax.random.key(cfg.seed), i), temperature=temp,
-                              suppress_ids=(vocab.pad_id, vocab.unk_id, vocab.bos_id))
-            text = "".join("\n%\n" if s == T.EOS else s
-                           for s in vocab.decode_symbols(np.asarray(toks)[0], strip=False))
+            toks = M.generate(
+                model,
+                v,
+                prompt,
+                cfg.sample_chars,
+                jax.random.fold_in(jax.random.key(cfg.seed), i),
+                temperature=temp,
+                suppress_ids=(vocab.pad_id, vocab.unk_id, vocab.bos_id),
+            )
+            text = "".join(
+                "\n%\n" if s == T.EOS else s
+                for s in vocab.decode_symbols(np.asarray(toks)[0], strip=False)
+            )
             out["samples"][str(temp)] = cfg.prompt + text
         return out
 
     lstm = run_dir.sub_run("lstm", fit)
-    plots.metric_curves(run_dir.sub("lstm").metrics(), run_dir.plot_path("loss"),
-                        keys=("bits", "eval_bits"), title="char LSTM, bits per character")
+    plots.metric_curves(
+        run_dir.sub("lstm").metrics(),
+        run_dir.plot_path("loss"),
+        keys=("bits", "eval_bits"),
+        title="char LSTM, bits per character",
+    )
     ngram_curve = {int(n): b for n, b in val_bits.items()}
-    plots.bars({f"{n}-gram": b for n, b in ngram_curve.items()}
-               | {"LSTM": lstm["validation_bpc"]},
-               run_dir.plot_path("bpc"), ylabel="validation bits per char",
-               title="KN n-grams vs LSTM")
+    plots.bars(
+        {f"{n}-gram": b for n, b in ngram_curve.items()} | {"LSTM": lstm["validation_bpc"]},
+        run_dir.plot_path("bpc"),
+        ylabel="validation bits per char",
+        title="KN n-grams vs LSTM",
+    )
     return {
         "lstm_bpc": lstm["test_bpc"],
         "best_ngram_bpc": ngram_test,

@@ -46,8 +46,14 @@ class Config:
     checkpoint_every: int = 200
 
 
-QUICK = {"steps": 60, "n_train": 512, "n_test": 256, "eval_every": 30, "checkpoint_every": 30,
-         "log_every": 10}
+QUICK = {
+    "steps": 60,
+    "n_train": 512,
+    "n_test": 256,
+    "eval_every": 30,
+    "checkpoint_every": 30,
+    "log_every": 10,
+}
 TOUR = {"steps": 600}
 
 
@@ -80,12 +86,20 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     batch_fn = data.Batches(data_train, cfg.batch_size, seed=cfg.seed)
     state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
     result = trainer.fit(
-        state, batch_fn, cfg.steps, run_dir=run_dir,
-        eval_batches=lambda: data.eval_batches(data_test, 256), eval_every=cfg.eval_every,
-        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, desc=f"demo {cfg.cell}",
+        state,
+        batch_fn,
+        cfg.steps,
+        run_dir=run_dir,
+        eval_batches=lambda: data.eval_batches(data_test, 256),
+        eval_every=cfg.eval_every,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        desc=f"demo {cfg.cell}",
     )
     plots.metric_curves(
-        run_dir.metrics(), run_dir.plot_path("loss"), keys=("loss", "eval_loss", "eval_accuracy"),
+        run_dir.metrics(),
+        run_dir.plot_path("loss"),
+        keys=("loss", "eval_loss", "eval_accuracy"),
         title=f"{cfg.cell.upper()}: sign of the running sum",
     )
     return {
@@ -98,15 +112,17 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
 
 def report(results: dict, run_dir: runs.RunDir) -> str:
     acc = results["test_accuracy"]
-    return "\n".join([
-        "| metric | ours | expected |",
-        "|---|---|---|",
-        f"| test accuracy | {acc:.3f} | >= 0.95 (chance 0.50) |",
-        f"| test loss | {results['test_loss']:.4f} | |",
-        f"| parameters | {results['params']} | |",
-        "",
-        "![loss](loss.png)",
-    ])
+    return "\n".join(
+        [
+            "| metric | ours | expected |",
+            "|---|---|---|",
+            f"| test accuracy | {acc:.3f} | >= 0.95 (chance 0.50) |",
+            f"| test loss | {results['test_loss']:.4f} | |",
+            f"| parameters | {results['params']} | |",
+            "",
+            "![loss](loss.png)",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -58,10 +58,26 @@ class Config:
     checkpoint_every: int = 500
 
 
-QUICK = {"hidden": 16, "embed": 8, "steps": 40, "max_train": 2000, "max_eval": 300,
-         "max_chars": 32, "log_every": 10, "eval_every": 0, "checkpoint_every": 40}
-TOUR = {"hidden": 64, "steps": 300, "max_train": 20_000, "max_eval": 2_000,
-        "log_every": 25, "eval_every": 150, "checkpoint_every": 150}
+QUICK = {
+    "hidden": 16,
+    "embed": 8,
+    "steps": 40,
+    "max_train": 2000,
+    "max_eval": 300,
+    "max_chars": 32,
+    "log_every": 10,
+    "eval_every": 0,
+    "checkpoint_every": 40,
+}
+TOUR = {
+    "hidden": 64,
+    "steps": 300,
+    "max_train": 20_000,
+    "max_eval": 2_000,
+    "log_every": 25,
+    "eval_every": 150,
+    "checkpoint_every": 150,
+}
 
 
 def _subset(items: list, n: int | None, seed: int) -> list:
@@ -72,8 +88,9 @@ def _subset(items: list, n: int | None, seed: int) -> list:
 
 
 def _segment(chars: str, tags: np.ndarray) -> str:
-    return "".join((" " if t and i else "") + c for i, (c, t) in enumerate(zip(chars, tags,
-                                                                                 strict=True)))
+    return "".join(
+        (" " if t and i else "") + c for i, (c, t) in enumerate(zip(chars, tags, strict=True))
+    )
 
 
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
@@ -89,45 +106,75 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
 
     out: dict = {}
     for name, bi in (("unidirectional", False), ("bidirectional", True)):
-        model = M.Tagger(len(vocab), 2, embed_dim=cfg.embed, hidden_size=cfg.hidden,
-                         cell=cfg.cell, num_layers=cfg.layers, bidirectional=bi,
-                         dropout=cfg.dropout)
+        model = M.Tagger(
+            len(vocab),
+            2,
+            embed_dim=cfg.embed,
+            hidden_size=cfg.hidden,
+            cell=cfg.cell,
+            num_layers=cfg.layers,
+            bidirectional=bi,
+            dropout=cfg.dropout,
+        )
 
         def fit(sub: runs.RunDir, model=model, name=name) -> dict:
-            tx = train.make_optimizer("adam", cfg.lr, clip_norm=1.0, schedule="cosine",
-                                      total_steps=cfg.steps,
-                                      warmup_steps=min(100, cfg.steps // 10))
+            tx = train.make_optimizer(
+                "adam",
+                cfg.lr,
+                clip_norm=1.0,
+                schedule="cosine",
+                total_steps=cfg.steps,
+                warmup_steps=min(100, cfg.steps // 10),
+            )
             trainer = train.Trainer(model, tasks.token_loss, tx, forward=tasks.tagger_forward)
             batch_fn = tasks.BucketBatches(arrays["train"], cfg.batch_size, cfg.seed, bounds)
             state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
             t, c = time.perf_counter(), time.process_time()
             res = trainer.fit(
-                state, batch_fn, cfg.steps, run_dir=sub,
-                eval_batches=(lambda: data.eval_batches(arrays["validation"], 256)) if cfg.eval_every
+                state,
+                batch_fn,
+                cfg.steps,
+                run_dir=sub,
+                eval_batches=(lambda: data.eval_batches(arrays["validation"], 256))
+                if cfg.eval_every
                 else None,
-                eval_every=cfg.eval_every, log_every=cfg.log_every,
-                checkpoint_every=cfg.checkpoint_every, desc=name,
+                eval_every=cfg.eval_every,
+                log_every=cfg.log_every,
+                checkpoint_every=cfg.checkpoint_every,
+                desc=name,
             )
             minutes = (time.perf_counter() - t) / 60
             cpu_minutes = (time.process_time() - c) / 60
             pred = tasks.predict_tags(model, res.state.variables, arrays["test"])
             word, boundary = metrics.word_f1(true_tags, pred), metrics.boundary_f1(true_tags, pred)
             return {
-                "word_f1": word["f1"], "word_precision": word["precision"],
-                "word_recall": word["recall"], "boundary_f1": boundary["f1"],
-                "train_minutes": minutes, "train_cpu_minutes": cpu_minutes,
+                "word_f1": word["f1"],
+                "word_precision": word["precision"],
+                "word_recall": word["recall"],
+                "boundary_f1": boundary["f1"],
+                "train_minutes": minutes,
+                "train_cpu_minutes": cpu_minutes,
                 "params": train.count_params(res.state.params),
-                "examples": [_segment(c, p) for (c, _), p in zip(ex["test"][:5], pred[:5],
-                                                                   strict=True)],
+                "examples": [
+                    _segment(c, p) for (c, _), p in zip(ex["test"][:5], pred[:5], strict=True)
+                ],
             }
 
         out[name] = run_dir.sub_run(name, fit)
 
-    plots.bars({f"{n} word F1": r["word_f1"] for n, r in out.items()}
-               | {f"{n} boundary F1": r["boundary_f1"] for n, r in out.items()},
-               run_dir.plot_path("f1"), ylabel="test F1", title="Word segmentation")
-    plots.metric_curves({n: run_dir.sub(n).metrics() for n in out}, run_dir.plot_path("loss"),
-                        keys=("loss", "eval_loss"), title="per-character tagging loss")
+    plots.bars(
+        {f"{n} word F1": r["word_f1"] for n, r in out.items()}
+        | {f"{n} boundary F1": r["boundary_f1"] for n, r in out.items()},
+        run_dir.plot_path("f1"),
+        ylabel="test F1",
+        title="Word segmentation",
+    )
+    plots.metric_curves(
+        {n: run_dir.sub(n).metrics() for n in out},
+        run_dir.plot_path("loss"),
+        keys=("loss", "eval_loss"),
+        title="per-character tagging loss",
+    )
     return {
         "unidirectional_f1": out["unidirectional"]["word_f1"],
         "bidirectional_f1": out["bidirectional"]["word_f1"],
@@ -135,7 +182,8 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         "bidirectional_boundary_f1": out["bidirectional"]["boundary_f1"],
         "details": out,
         "reference": [_segment(c, t) for c, t in ex["test"][:5]],
-        "train_lines": len(ex["train"]), "test_lines": len(ex["test"]),
+        "train_lines": len(ex["train"]),
+        "test_lines": len(ex["test"]),
     }
 
 
@@ -148,11 +196,16 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
         "|---|---|---|---|",
     ]
     for name, r in d.items():
-        lines.append(f"| {name} | {r['word_f1']:.3f} | {r['boundary_f1']:.3f} | "
-                     f"{r['train_minutes']:.1f} |")
+        lines.append(
+            f"| {name} | {r['word_f1']:.3f} | {r['boundary_f1']:.3f} | {r['train_minutes']:.1f} |"
+        )
     lines += ["", "| reference | unidirectional | bidirectional |", "|---|---|---|"]
-    for ref, u, b in zip(results["reference"], d["unidirectional"]["examples"],
-                         d["bidirectional"]["examples"], strict=True):
+    for ref, u, b in zip(
+        results["reference"],
+        d["unidirectional"]["examples"],
+        d["bidirectional"]["examples"],
+        strict=True,
+    ):
         lines.append(f"| {ref} | {u} | {b} |")
     lines += ["", "![F1](f1.png)", "", "![loss](loss.png)"]
     return "\n".join(lines)

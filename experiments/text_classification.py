@@ -26,8 +26,12 @@ from jaxnets.seq import text as T
 
 TOUR_ORDER = 80
 # name -> (cell, bidirectional)
-MODELS = {"rnn": ("rnn", False), "lstm": ("lstm", False), "gru": ("gru", False),
-          "bilstm": ("lstm", True)}
+MODELS = {
+    "rnn": ("rnn", False),
+    "lstm": ("lstm", False),
+    "gru": ("gru", False),
+    "bilstm": ("lstm", True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,24 +64,43 @@ class Config:
     checkpoint_every: int = 500
 
 
-QUICK = {"models": ("rnn", "bilstm"), "max_per_class": 60, "max_chars": 64, "hidden": 16,
-         "embed": 8, "steps": 30, "log_every": 10, "eval_every": 0, "checkpoint_every": 30}
-TOUR = {"max_chars": 192, "hidden": 64, "steps": 250, "log_every": 25, "eval_every": 125,
-        "checkpoint_every": 125}
+QUICK = {
+    "models": ("rnn", "bilstm"),
+    "max_per_class": 60,
+    "max_chars": 64,
+    "hidden": 16,
+    "embed": 8,
+    "steps": 30,
+    "log_every": 10,
+    "eval_every": 0,
+    "checkpoint_every": 30,
+}
+TOUR = {
+    "max_chars": 192,
+    "hidden": 64,
+    "steps": 250,
+    "log_every": 25,
+    "eval_every": 125,
+    "checkpoint_every": 125,
+}
 
 
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     unknown = [m for m in cfg.models if m not in MODELS]
     if unknown:
         raise ValueError(f"models: unknown {unknown}; expected some of {tuple(MODELS)}")
-    splits, names = T.fortune_classification(seed=cfg.seed, max_per_class=cfg.max_per_class,
-                                             max_chars=cfg.max_chars)
+    splits, names = T.fortune_classification(
+        seed=cfg.seed, max_per_class=cfg.max_per_class, max_chars=cfg.max_chars
+    )
     vocab = T.Vocab.build(splits["train"][0])
     arrays = {s: tasks.classification_arrays(vocab, *splits[s], cfg.max_chars) for s in T.SPLITS}
     bounds = sorted({min(b, cfg.max_chars) for b in (64, 128, cfg.max_chars)})
-    results: dict = {"models": {}, "class_names": list(names),
-                     "test_size": int(len(arrays["test"]["y"])),
-                     "train_size": int(len(arrays["train"]["y"]))}
+    results: dict = {
+        "models": {},
+        "class_names": list(names),
+        "test_size": int(len(arrays["test"]["y"])),
+        "train_size": int(len(arrays["train"]["y"])),
+    }
 
     # --- bag of characters: logistic regression, no order information ---
     def features(s):
@@ -90,7 +113,8 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     pred = logreg.predict((features("test") - mean) / std)
     y = arrays["test"]["y"]
     results["models"]["bag_of_chars"] = {
-        "accuracy": metrics.accuracy(y, pred), "macro_f1": metrics.macro_f1(y, pred, len(names)),
+        "accuracy": metrics.accuracy(y, pred),
+        "macro_f1": metrics.macro_f1(y, pred, len(names)),
         "train_minutes": (time.perf_counter() - t0) / 60,
     }
 
@@ -98,26 +122,46 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     confusions = {}
     for name in cfg.models:
         cell, bi = MODELS[name]
-        model = M.SequenceClassifier(len(vocab), len(names), embed_dim=cfg.embed,
-                                     hidden_size=cfg.hidden, cell=cell, bidirectional=bi,
-                                     dropout=cfg.dropout, pooling=cfg.pooling)
+        model = M.SequenceClassifier(
+            len(vocab),
+            len(names),
+            embed_dim=cfg.embed,
+            hidden_size=cfg.hidden,
+            cell=cell,
+            bidirectional=bi,
+            dropout=cfg.dropout,
+            pooling=cfg.pooling,
+        )
 
         def fit(sub: runs.RunDir, model=model, name=name) -> dict:
-            tx = train.make_optimizer("adam", cfg.lr, clip_norm=1.0, schedule="cosine",
-                                      total_steps=cfg.steps,
-                                      warmup_steps=min(100, cfg.steps // 10))
-            trainer = train.Trainer(model, train.cross_entropy_loss, tx,
-                                    forward=tasks.classifier_forward)
-            batch_fn = tasks.BucketBatches(arrays["train"], cfg.batch_size, cfg.seed, bounds,
-                                           width_keys=("x",))
+            tx = train.make_optimizer(
+                "adam",
+                cfg.lr,
+                clip_norm=1.0,
+                schedule="cosine",
+                total_steps=cfg.steps,
+                warmup_steps=min(100, cfg.steps // 10),
+            )
+            trainer = train.Trainer(
+                model, train.cross_entropy_loss, tx, forward=tasks.classifier_forward
+            )
+            batch_fn = tasks.BucketBatches(
+                arrays["train"], cfg.batch_size, cfg.seed, bounds, width_keys=("x",)
+            )
             state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
             t, c = time.perf_counter(), time.process_time()
             res = trainer.fit(
-                state, batch_fn, cfg.steps, run_dir=sub,
-                eval_batches=(lambda: data.eval_batches(arrays["validation"], 128)) if cfg.eval_every
+                state,
+                batch_fn,
+                cfg.steps,
+                run_dir=sub,
+                eval_batches=(lambda: data.eval_batches(arrays["validation"], 128))
+                if cfg.eval_every
                 else None,
-                eval_every=cfg.eval_every, log_every=cfg.log_every,
-                checkpoint_every=cfg.checkpoint_every, desc=name,
+                eval_every=cfg.eval_every,
+                log_every=cfg.log_every,
+                checkpoint_every=cfg.checkpoint_every,
+                desc=name,
             )
             minutes = (time.perf_counter() - t) / 60
             cpu_minutes = (time.process_time() - c) / 60
@@ -126,7 +170,8 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 "accuracy": metrics.accuracy(y, pred),
                 "macro_f1": metrics.macro_f1(y, pred, len(names)),
                 "validation_accuracy": res.eval.get("accuracy") if res.eval else None,
-                "train_minutes": minutes, "train_cpu_minutes": cpu_minutes,
+                "train_minutes": minutes,
+                "train_cpu_minutes": cpu_minutes,
                 "params": train.count_params(res.state.params),
                 "confusion": metrics.confusion_matrix(y, pred, len(names)).tolist(),
             }
@@ -136,13 +181,20 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         results["models"][name] = r
 
     best = max(confusions, key=lambda n: results["models"][n]["macro_f1"])
-    figures.confusion(confusions[best], names, run_dir.plot_path("confusion"),
-                      title=f"{best}: test confusion")
-    plots.bars({n: r["macro_f1"] for n, r in results["models"].items()},
-               run_dir.plot_path("macro_f1"), ylabel="test macro-F1",
-               title="Which collection? (5 classes)")
-    plots.metric_curves({n: run_dir.sub(n).metrics() for n in cfg.models},
-                        run_dir.plot_path("loss"), keys=("loss", "eval_accuracy"))
+    figures.confusion(
+        confusions[best], names, run_dir.plot_path("confusion"), title=f"{best}: test confusion"
+    )
+    plots.bars(
+        {n: r["macro_f1"] for n, r in results["models"].items()},
+        run_dir.plot_path("macro_f1"),
+        ylabel="test macro-F1",
+        title="Which collection? (5 classes)",
+    )
+    plots.metric_curves(
+        {n: run_dir.sub(n).metrics() for n in cfg.models},
+        run_dir.plot_path("loss"),
+        keys=("loss", "eval_accuracy"),
+    )
     results["best"] = best
     return results
 
@@ -150,16 +202,24 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
 def report(results: dict, run_dir: runs.RunDir) -> str:
     lines = [
         f"{results['train_size']} training / {results['test_size']} test entries, classes "
-        + ", ".join(results["class_names"]) + ".",
+        + ", ".join(results["class_names"])
+        + ".",
         "",
         "| model | test accuracy | test macro-F1 | train minutes |",
         "|---|---|---|---|",
     ]
     for name, r in results["models"].items():
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
-                     f"{r['train_minutes']:.1f} |")
-    lines += ["", "![macro-F1](macro_f1.png)", "", "![confusion](confusion.png)", "",
-              "![training](loss.png)"]
+        lines.append(
+            f"| {name} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['train_minutes']:.1f} |"
+        )
+    lines += [
+        "",
+        "![macro-F1](macro_f1.png)",
+        "",
+        "![confusion](confusion.png)",
+        "",
+        "![training](loss.png)",
+    ]
     return "\n".join(lines)
 
 

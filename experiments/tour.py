@@ -53,17 +53,30 @@ def run_one(mod: types.ModuleType, out: Path, *, quick: bool, devices: int, prog
         cfg_json = runs._config_json(cfg)
         cfg_path = workdir / "config.json"
         if cfg_path.exists() and runs.read_json(cfg_path) != cfg_json:
-            print(f"[tour] {name}: config changed since the last tour; rerunning from scratch",
-                  file=sys.stderr)
+            print(
+                f"[tour] {name}: config changed since the last tour; rerunning from scratch",
+                file=sys.stderr,
+            )
             shutil.rmtree(workdir)
         res_path = workdir / "results.json"
-        if (workdir / "DONE").exists() and res_path.exists() and "skipped" in runs.read_json(res_path):
+        if (
+            (workdir / "DONE").exists()
+            and res_path.exists()
+            and "skipped" in runs.read_json(res_path)
+        ):
             shutil.rmtree(workdir)  # a skip (e.g. data not on disk) is re-checked every tour
         reused = (workdir / "DONE").exists()
-        print(f"[tour] {name}: {'reusing finished run' if reused else 'running'} in {workdir}",
-              file=sys.stderr)
+        print(
+            f"[tour] {name}: {'reusing finished run' if reused else 'running'} in {workdir}",
+            file=sys.stderr,
+        )
         results = runs.run_experiment(
-            mod, overrides, workdir, quick=quick, if_done="load", devices=devices,
+            mod,
+            overrides,
+            workdir,
+            quick=quick,
+            if_done="load",
+            devices=devices,
             progress=progress,
         )
         entry["results"] = results
@@ -83,8 +96,10 @@ def run_one(mod: types.ModuleType, out: Path, *, quick: bool, devices: int, prog
 def _section(entry: dict, out: Path) -> str:
     mod, name = entry["module"], entry["name"]
     lines = [f"## {name}", "", f"_{_discover().describe(mod)}_", ""]
-    lines.append(f"Run directory: `{entry['workdir']}` · runtime {entry['runtime_s']:.1f} s"
-                 + (" (reused from an earlier tour)" if entry.get("reused") else ""))
+    lines.append(
+        f"Run directory: `{entry['workdir']}` · runtime {entry['runtime_s']:.1f} s"
+        + (" (reused from an earlier tour)" if entry.get("reused") else "")
+    )
     lines.append("")
     if entry["status"] == "skipped":
         return "\n".join(lines + [f"Skipped: {entry['results']['skipped']}", ""])
@@ -156,20 +171,28 @@ def run_tour(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.tour", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.tour",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="use each experiment's QUICK config")
     p.add_argument("--only", type=str, default="", help="comma-separated experiment names")
-    p.add_argument("--out", type=str, default=None,
-                   help="tour directory (default runs/tour, runs/tour-quick with --quick)")
+    p.add_argument(
+        "--out",
+        type=str,
+        default=None,
+        help="tour directory (default runs/tour, runs/tour-quick with --quick)",
+    )
     p.add_argument("--devices", type=int, default=1, help="data-parallel devices")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     a = p.parse_args(argv)
     out = Path(a.out or ("runs/tour-quick" if a.quick else "runs/tour"))
     only = [s.strip() for s in a.only.split(",") if s.strip()] or None
     try:
-        report, entries = run_tour(out, quick=a.quick, only=only, devices=a.devices,
-                                   progress=not a.no_progress)
+        report, entries = run_tour(
+            out, quick=a.quick, only=only, devices=a.devices, progress=not a.no_progress
+        )
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     failed = [e["name"] for e in entries if e["status"] == "failed"]

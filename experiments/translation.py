@@ -72,12 +72,32 @@ class Config:
     checkpoint_every: int = 1000
 
 
-QUICK = {"hidden": 32, "embed": 16, "steps": 60, "max_train_words": 2000, "buckets": (29,),
-         "max_eval_words": 200, "ko_numbers": 1000, "ko_hidden": 32, "ko_steps": 60,
-         "log_every": 20, "eval_every": 0, "checkpoint_every": 60, "batch_size": 32}
-TOUR = {"hidden": 96, "steps": 500, "max_train_words": 30000, "max_eval_words": 1500,
-        "buckets": (8, 12, MAX_LEN + 1), "ko_steps": 300, "log_every": 50, "eval_every": 0,
-        "checkpoint_every": 250}
+QUICK = {
+    "hidden": 32,
+    "embed": 16,
+    "steps": 60,
+    "max_train_words": 2000,
+    "buckets": (29,),
+    "max_eval_words": 200,
+    "ko_numbers": 1000,
+    "ko_hidden": 32,
+    "ko_steps": 60,
+    "log_every": 20,
+    "eval_every": 0,
+    "checkpoint_every": 60,
+    "batch_size": 32,
+}
+TOUR = {
+    "hidden": 96,
+    "steps": 500,
+    "max_train_words": 30000,
+    "max_eval_words": 1500,
+    "buckets": (8, 12, MAX_LEN + 1),
+    "ko_steps": 300,
+    "log_every": 50,
+    "eval_every": 0,
+    "checkpoint_every": 250,
+}
 
 
 def _subset(items: list, n: int | None, seed: int) -> list:
@@ -87,27 +107,44 @@ def _subset(items: list, n: int | None, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def _train_seq2seq(cfg: Config, sub: runs.RunDir, model: M.Seq2Seq, arrays: dict,
-                   val: dict, steps: int, desc: str):
+def _train_seq2seq(
+    cfg: Config, sub: runs.RunDir, model: M.Seq2Seq, arrays: dict, val: dict, steps: int, desc: str
+):
     """Teacher-forced training with length buckets.
 
     Returns ``(state, (wall minutes, process CPU minutes), parameter count)``; CPU time
     counts every thread of this process, so on a dedicated machine the training's wall
     time is at most about that (less when XLA uses both cores).
     """
-    tx = train.make_optimizer("adam", cfg.lr, clip_norm=1.0, schedule="cosine",
-                              total_steps=steps, warmup_steps=min(200, steps // 10))
+    tx = train.make_optimizer(
+        "adam",
+        cfg.lr,
+        clip_norm=1.0,
+        schedule="cosine",
+        total_steps=steps,
+        warmup_steps=min(200, steps // 10),
+    )
     trainer = train.Trainer(model, tasks.token_loss, tx, forward=tasks.seq2seq_forward)
-    batch_fn = tasks.BucketBatches(arrays, cfg.batch_size, cfg.seed, cfg.buckets,
-                                   length_keys=("src_lengths", "lengths"),
-                                   width_keys=("src", "x", "y"))
+    batch_fn = tasks.BucketBatches(
+        arrays,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.buckets,
+        length_keys=("src_lengths", "lengths"),
+        width_keys=("src", "x", "y"),
+    )
     state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
     t0, c0 = time.perf_counter(), time.process_time()
     result = trainer.fit(
-        state, batch_fn, steps, run_dir=sub,
+        state,
+        batch_fn,
+        steps,
+        run_dir=sub,
         eval_batches=(lambda: data.eval_batches(val, 256)) if cfg.eval_every else None,
-        eval_every=cfg.eval_every, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, desc=desc,
+        eval_every=cfg.eval_every,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        desc=desc,
     )
     minutes = (time.perf_counter() - t0) / 60
     cpu_minutes = (time.process_time() - c0) / 60
@@ -119,33 +156,53 @@ def _g2p(cfg: Config, sub: runs.RunDir, attention: str | None, splits, sv, tv) -
     arrays = tasks.seq2seq_arrays(sv, tv, train_pairs, MAX_LEN, MAX_LEN + 1)
     val_pairs = [(w, prons[0]) for w, prons in splits["validation"]]
     val = tasks.seq2seq_arrays(sv, tv, val_pairs, MAX_LEN, MAX_LEN + 1)
-    model = M.Seq2Seq(len(sv), len(tv), embed_dim=cfg.embed, hidden_size=cfg.hidden,
-                      cell=cfg.cell, bidirectional_encoder=True, attention=attention,
-                      attention_size=cfg.hidden, dropout=cfg.dropout)
+    model = M.Seq2Seq(
+        len(sv),
+        len(tv),
+        embed_dim=cfg.embed,
+        hidden_size=cfg.hidden,
+        cell=cfg.cell,
+        bidirectional_encoder=True,
+        attention=attention,
+        attention_size=cfg.hidden,
+        dropout=cfg.dropout,
+    )
     name = attention or "none"
-    state, minutes, n_params = _train_seq2seq(cfg, sub, model, arrays, val, cfg.steps,
-                                              f"g2p {name}")
+    state, minutes, n_params = _train_seq2seq(
+        cfg, sub, model, arrays, val, cfg.steps, f"g2p {name}"
+    )
     test = splits["test"]
     src, src_len = sv.encode_batch([w for w, _ in test], max_len=MAX_LEN)
     t0 = time.perf_counter()
-    outs, weights = tasks.decode_dataset(model, state.variables, src, src_len, MAX_LEN + 1,
-                                         beam_size=cfg.eval_beam)
+    outs, weights = tasks.decode_dataset(
+        model, state.variables, src, src_len, MAX_LEN + 1, beam_size=cfg.eval_beam
+    )
     decode_s = time.perf_counter() - t0
     hyps = [tuple(tv.decode_symbols(o)) for o in outs]
     rates = metrics.error_rates(hyps, [prons for _, prons in test])
     examples = []
     for i in range(min(6, len(test))):
-        ex = {"word": test[i][0], "output": " ".join(hyps[i]),
-              "reference": " | ".join(" ".join(p) for p in test[i][1])}
+        ex = {
+            "word": test[i][0],
+            "output": " ".join(hyps[i]),
+            "reference": " | ".join(" ".join(p) for p in test[i][1]),
+        }
         if weights is not None:
             # one row per decoder step: the output symbols, then EOS if it came in time
             rows = min(len(hyps[i]) + 1, MAX_LEN + 1)
             ex["weights"] = weights[i, :rows, : len(test[i][0])].round(4).tolist()
         examples.append(ex)
-    return {"wer": rates["wer"], "per": rates["per"], "train_minutes": minutes[0],
-            "train_cpu_minutes": minutes[1],
-            "steps": cfg.steps, "params": n_params, "decode_seconds": decode_s,
-            "test_words": len(test), "examples": examples}
+    return {
+        "wer": rates["wer"],
+        "per": rates["per"],
+        "train_minutes": minutes[0],
+        "train_cpu_minutes": minutes[1],
+        "steps": cfg.steps,
+        "params": n_params,
+        "decode_seconds": decode_s,
+        "test_words": len(test),
+        "examples": examples,
+    }
 
 
 def _korean(cfg: Config, sub: runs.RunDir) -> dict:
@@ -155,10 +212,16 @@ def _korean(cfg: Config, sub: runs.RunDir) -> dict:
     max_src, max_tgt = 5, max(len(t) for s in T.SPLITS for _, t in splits[s]) + 1
     arrays = tasks.seq2seq_arrays(sv, tv, splits["train"], max_src, max_tgt)
     val = tasks.seq2seq_arrays(sv, tv, splits["validation"], max_src, max_tgt)
-    model = M.Seq2Seq(len(sv), len(tv), embed_dim=32, hidden_size=cfg.ko_hidden,
-                      cell="lstm", attention=cfg.attention, attention_size=cfg.ko_hidden)
-    state, minutes, _ = _train_seq2seq(cfg, sub, model, arrays, val, cfg.ko_steps,
-                                       "numbers->ko")
+    model = M.Seq2Seq(
+        len(sv),
+        len(tv),
+        embed_dim=32,
+        hidden_size=cfg.ko_hidden,
+        cell="lstm",
+        attention=cfg.attention,
+        attention_size=cfg.ko_hidden,
+    )
+    state, minutes, _ = _train_seq2seq(cfg, sub, model, arrays, val, cfg.ko_steps, "numbers->ko")
     test = splits["test"]
     src, src_len = sv.encode_batch([s for s, _ in test], max_len=max_src)
     outs, _ = tasks.decode_dataset(model, state.variables, src, src_len, max_tgt)
@@ -166,10 +229,14 @@ def _korean(cfg: Config, sub: runs.RunDir) -> dict:
     cer = metrics.error_rates([tuple(h) for h in hyps], [[tuple(t)] for _, t in test])["per"]
     return {
         "accuracy": float(np.mean([h == t for h, (_, t) in zip(hyps, test, strict=True)])),
-        "cer": cer, "test_numbers": len(test), "train_minutes": minutes[0],
+        "cer": cer,
+        "test_numbers": len(test),
+        "train_minutes": minutes[0],
         "train_cpu_minutes": minutes[1],
-        "examples": [{"number": s, "output": h, "reference": t}
-                     for h, (s, t) in list(zip(hyps, test, strict=True))[:8]],
+        "examples": [
+            {"number": s, "output": h, "reference": t}
+            for h, (s, t) in list(zip(hyps, test, strict=True))[:8]
+        ],
     }
 
 
@@ -183,27 +250,47 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     kinds = {"attention": cfg.attention}
     if cfg.compare_no_attention:
         kinds["no_attention"] = None
-    g2p = {name: run_dir.sub_run(f"g2p-{name}",
-                                 lambda sub, a=a: _g2p(cfg, sub, a, splits, sv, tv))
-           for name, a in kinds.items()}
+    g2p = {
+        name: run_dir.sub_run(f"g2p-{name}", lambda sub, a=a: _g2p(cfg, sub, a, splits, sv, tv))
+        for name, a in kinds.items()
+    }
     ko = run_dir.sub_run("numbers-ko", lambda sub: _korean(cfg, sub))
 
     curves = {name: run_dir.sub(f"g2p-{name}").metrics() for name in g2p}
-    plots.metric_curves(curves, run_dir.plot_path("g2p_loss"), keys=("loss", "eval_loss"),
-                        title="G2P teacher-forced loss", logy=True)
+    plots.metric_curves(
+        curves,
+        run_dir.plot_path("g2p_loss"),
+        keys=("loss", "eval_loss"),
+        title="G2P teacher-forced loss",
+        logy=True,
+    )
     att = [e for e in g2p["attention"]["examples"] if "weights" in e]
     if att:
         figures.attention_maps(
-            [(list(e["word"]), (e["output"].split() + ["<eos>"])[: len(e["weights"])],
-              np.asarray(e["weights"])) for e in att],
-            run_dir.plot_path("attention"), title=f"{cfg.attention} attention (test words)",
+            [
+                (
+                    list(e["word"]),
+                    (e["output"].split() + ["<eos>"])[: len(e["weights"])],
+                    np.asarray(e["weights"]),
+                )
+                for e in att
+            ],
+            run_dir.plot_path("attention"),
+            title=f"{cfg.attention} attention (test words)",
         )
-    plots.bars({f"{k} WER": v["wer"] * 100 for k, v in g2p.items()}
-               | {f"{k} PER": v["per"] * 100 for k, v in g2p.items()},
-               run_dir.plot_path("g2p_error_rates"), ylabel="% (test)",
-               title="CMUdict g2p error rates")
-    return {"g2p": g2p, "num2words_ko": ko, "train_words": len(splits["train"]),
-            "test_words": len(splits["test"])}
+    plots.bars(
+        {f"{k} WER": v["wer"] * 100 for k, v in g2p.items()}
+        | {f"{k} PER": v["per"] * 100 for k, v in g2p.items()},
+        run_dir.plot_path("g2p_error_rates"),
+        ylabel="% (test)",
+        title="CMUdict g2p error rates",
+    )
+    return {
+        "g2p": g2p,
+        "num2words_ko": ko,
+        "train_words": len(splits["train"]),
+        "test_words": len(splits["test"]),
+    }
 
 
 def report(results: dict, run_dir: runs.RunDir) -> str:
@@ -213,9 +300,11 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, r in g2p.items():
-        lines.append(f"| {name} | {100 * r['wer']:.1f}% | {100 * r['per']:.1f}% | "
-                     f"{r['train_minutes']:.1f} / {r['train_cpu_minutes']:.1f} | {r['steps']} | "
-                     f"{r['params']:,} |")
+        lines.append(
+            f"| {name} | {100 * r['wer']:.1f}% | {100 * r['per']:.1f}% | "
+            f"{r['train_minutes']:.1f} / {r['train_cpu_minutes']:.1f} | {r['steps']} | "
+            f"{r['params']:,} |"
+        )
     lines += ["| published (standard split) | 21.7% attention, 23.6% bi-LSTM | | | | |", ""]
     if "no_attention" in g2p:
         better = g2p["attention"]["wer"] < g2p["no_attention"]["wer"]
@@ -224,13 +313,25 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
     for e in g2p["attention"]["examples"]:
         lines.append(f"| {e['word']} | {e['output']} | {e['reference']} |")
     ko = results["num2words_ko"]
-    lines += ["", f"Numbers -> Korean words: exact match {100 * ko['accuracy']:.1f}%, "
-              f"character error rate {100 * ko['cer']:.1f}% on {ko['test_numbers']} held-out "
-              "numbers.", "", "| number | output | reference |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Numbers -> Korean words: exact match {100 * ko['accuracy']:.1f}%, "
+        f"character error rate {100 * ko['cer']:.1f}% on {ko['test_numbers']} held-out "
+        "numbers.",
+        "",
+        "| number | output | reference |",
+        "|---|---|---|",
+    ]
     for e in ko["examples"]:
         lines.append(f"| {e['number']} | {e['output']} | {e['reference']} |")
-    lines += ["", "![attention](attention.png)", "", "![error rates](g2p_error_rates.png)",
-              "", "![loss](g2p_loss.png)"]
+    lines += [
+        "",
+        "![attention](attention.png)",
+        "",
+        "![error rates](g2p_error_rates.png)",
+        "",
+        "![loss](g2p_loss.png)",
+    ]
     return "\n".join(lines)
 
 

@@ -64,8 +64,14 @@ class Config:
     spike_factor: float = 10.0
 
 
-QUICK = {"seq_len": 20, "hidden": 8, "train_steps": 20, "curve_batch": 8, "sigmas": (0.5, 1.5),
-         "spike_steps": 30}
+QUICK = {
+    "seq_len": 20,
+    "hidden": 8,
+    "train_steps": 20,
+    "curve_batch": 8,
+    "sigmas": (0.5, 1.5),
+    "spike_steps": 30,
+}
 TOUR = {}
 
 
@@ -90,8 +96,9 @@ def _curves(model, params, x, y) -> dict:
     """||dL/ds_k|| (mean over the batch) against lag, and its fitted log-slope."""
     layer, lv, _ = bptt.readout_parts(model, params)
     head = params["head"]
-    sg = bptt.state_gradients(layer, lv, x, readout_mse,
-                              loss_args=(head["kernel"], head["bias"], y))
+    sg = bptt.state_gradients(
+        layer, lv, x, readout_mse, loss_args=(head["kernel"], head["bias"], y)
+    )
     curve = np.asarray(bptt.lag_curve(sg.state_grads)[0], np.float64)
     return {"grad_norm": curve.tolist(), "slope": bptt.log_slope(curve)}
 
@@ -113,8 +120,18 @@ def _set_sigma(params, sigma: float):
     return new
 
 
-def _fit(cfg: Config, cell: str, sub: runs.RunDir, x_test, y_test, params0=None, *, optimizer,
-         steps: int, log_every: int):
+def _fit(
+    cfg: Config,
+    cell: str,
+    sub: runs.RunDir,
+    x_test,
+    y_test,
+    params0=None,
+    *,
+    optimizer,
+    steps: int,
+    log_every: int,
+):
     """Train a RecurrentReadout on fresh adding batches; returns (state, history, error).
     Evaluates on (x_test, y_test) at the end unless x_test is None."""
     model = bptt.RecurrentReadout(cell, cfg.hidden)
@@ -125,10 +142,16 @@ def _fit(cfg: Config, cell: str, sub: runs.RunDir, x_test, y_test, params0=None,
         state = state.replace(params=params0, opt_state=optimizer.init(params0))
     try:
         res = trainer.fit(
-            state, batch_fn, steps, run_dir=sub, log_every=log_every,
-            eval_batches=None if x_test is None else (
-                lambda: data.eval_batches({"x": x_test, "y": y_test}, 256)),
-            checkpoint_every=max(steps, 1), desc=sub.path.name,
+            state,
+            batch_fn,
+            steps,
+            run_dir=sub,
+            log_every=log_every,
+            eval_batches=None
+            if x_test is None
+            else (lambda: data.eval_batches({"x": x_test, "y": y_test}, 256)),
+            checkpoint_every=max(steps, 1),
+            desc=sub.path.name,
         )
         return res.state, res.history, None
     except train.NonFiniteError as e:
@@ -150,9 +173,16 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         tx = train.make_optimizer("adam", cfg.lr, clip_norm=1.0)
 
         def one(sub, cell=cell, model=model, tx=tx):
-            state, history, err = _fit(cfg, cell, sub, x_test, y_test, optimizer=tx,
-                                       steps=cfg.train_steps,
-                                       log_every=max(cfg.train_steps // 20, 1))
+            state, history, err = _fit(
+                cfg,
+                cell,
+                sub,
+                x_test,
+                y_test,
+                optimizer=tx,
+                steps=cfg.train_steps,
+                log_every=max(cfg.train_steps // 20, 1),
+            )
             if err is not None:
                 raise err
             evals = [r for r in history if "eval_loss" in r]
@@ -200,8 +230,9 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         tx = train.make_optimizer("sgd", cfg.spike_lr, momentum=0.0, clip_norm=clip)
 
         def one(sub, tx=tx):
-            _, history, err = _fit(cfg, "rnn", sub, None, None, spiky, optimizer=tx,
-                                   steps=cfg.spike_steps, log_every=1)
+            _, history, err = _fit(
+                cfg, "rnn", sub, None, None, spiky, optimizer=tx, steps=cfg.spike_steps, log_every=1
+            )
             recs = [r for r in history if "loss" in r and "event" not in r]
             losses = np.array([r["loss"] for r in recs])
             grads = np.array([r["grad_norm"] for r in recs])
@@ -212,7 +243,9 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 "diverged_at": None if err is None else err.step,
                 "steps_done": len(recs),
                 "loss_max_over_median": loss_ratio,
-                "grad_max_over_median": float(grads.max() / np.median(grads)) if len(grads) else None,
+                "grad_max_over_median": float(grads.max() / np.median(grads))
+                if len(grads)
+                else None,
                 "final_loss": float(losses[-1]) if len(losses) else None,
                 "spiked": bool(err is not None or loss_ratio > cfg.spike_factor),
             }
@@ -232,9 +265,15 @@ def _plots(cfg: Config, out: dict, svals: dict, run_dir: runs.RunDir) -> None:
         for when in ("init", "trained"):
             g = np.asarray(r[when]["grad_norm"])
             curves[f"{cell} {when}"] = g / g[0]
-    plots.lines(lags, curves, run_dir.plot_path("lag_curves"), xlabel="lag T - k",
-                ylabel="||dL/ds_k|| / ||dL/ds_T||", logy=True,
-                title=f"Gradient reaching step k (adding problem, T={cfg.seq_len})")
+    plots.lines(
+        lags,
+        curves,
+        run_dir.plot_path("lag_curves"),
+        xlabel="lag T - k",
+        ylabel="||dL/ds_k|| / ||dL/ds_T||",
+        logy=True,
+        title=f"Gradient reaching step k (adding problem, T={cfg.seq_len})",
+    )
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     for i, (key, r) in enumerate(out["sigmas"].items()):
         color = f"C{i}"
@@ -245,8 +284,9 @@ def _plots(cfg: Config, out: dict, svals: dict, run_dir: runs.RunDir) -> None:
     ax.set_xlabel("lag T - k")
     ax.set_ylabel("norm (relative to lag 0)")
     ax.set_ylim(bottom=max(ax.get_ylim()[0], 1e-30))
-    ax.set_title("tanh RNN: solid ||dL/ds_k||, dashed ||prod J||_2, dotted bound sigma^lag",
-                 fontsize=9)
+    ax.set_title(
+        "tanh RNN: solid ||dL/ds_k||, dashed ||prod J||_2, dotted bound sigma^lag", fontsize=9
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.savefig(run_dir.plot_path("sigma_sweep"), dpi=110)
@@ -254,23 +294,30 @@ def _plots(cfg: Config, out: dict, svals: dict, run_dir: runs.RunDir) -> None:
     names = list(svals)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False, layout="constrained"
+    )
     for ax, name in zip(axes.flat, names, strict=False):
         s = np.log10(np.maximum(svals[name].T, 1e-12))
-        im = ax.imshow(s, aspect="auto", origin="upper", cmap="magma", vmin=-4, vmax=1,
-                       interpolation="nearest")
+        im = ax.imshow(
+            s, aspect="auto", origin="upper", cmap="magma", vmin=-4, vmax=1, interpolation="nearest"
+        )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step t", fontsize=8)
         ax.set_ylabel("singular value #", fontsize=8)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, label="log10 singular value of J_t", shrink=0.8)
     fig.savefig(run_dir.plot_path("jacobian_singular_values"), dpi=100)
     plt.close(fig)
     recs = {label: run_dir.sub(f"spike-{label}").metrics() for label in out["spikes"]}
-    plots.metric_curves(recs, run_dir.plot_path("spikes"), keys=("loss", "grad_norm"), logy=True,
-                        title=f"tanh RNN sigma_max={cfg.spike_sigma}, SGD lr={cfg.spike_lr}")
+    plots.metric_curves(
+        recs,
+        run_dir.plot_path("spikes"),
+        keys=("loss", "grad_norm"),
+        logy=True,
+        title=f"tanh RNN sigma_max={cfg.spike_sigma}, SGD lr={cfg.spike_lr}",
+    )
 
 
 def report(results: dict, run_dir: runs.RunDir) -> str:
@@ -282,8 +329,10 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
         "|---|---|---|---|",
     ]
     for cell, r in results["cells"].items():
-        lines.append(f"| {cell} | {r['init']['slope']:.3f} | {r['trained']['slope']:.3f} | "
-                     f"{r['test_mse']:.4f} |")
+        lines.append(
+            f"| {cell} | {r['init']['slope']:.3f} | {r['trained']['slope']:.3f} | "
+            f"{r['test_mse']:.4f} |"
+        )
     lines += [
         "",
         "**tanh RNN with sigma_max(W_hh) rescaled** (bar: slope <= log sigma_max for "
@@ -295,8 +344,10 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
     ]
     for r in results["sigmas"].values():
         ok = {True: "yes", False: "**no**", None: "n/a"}[r["slope_within_bound"]]
-        lines.append(f"| {r['sigma']} | {r['log_sigma']:.3f} | {r['slope']:.3f} | "
-                     f"{r['product_slope']:.3f} | {ok} | {r['lyapunov_max']:.3f} |")
+        lines.append(
+            f"| {r['sigma']} | {r['log_sigma']:.3f} | {r['slope']:.3f} | "
+            f"{r['product_slope']:.3f} | {ok} | {r['lyapunov_max']:.3f} |"
+        )
     lines += [
         "",
         "**Exploding gradients** (sigma_max = 1.5, SGD; spike = NonFiniteError or a step's "
@@ -308,8 +359,10 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
     for label, r in results["spikes"].items():
         div = f"yes (step {r['diverged_at']})" if r["diverged"] else "no"
         gm = r["grad_max_over_median"]
-        lines.append(f"| {label} | {div} | {r['loss_max_over_median']:.3g} | "
-                     f"{'n/a' if gm is None else f'{gm:.3g}'} | {r['spiked']} |")
+        lines.append(
+            f"| {label} | {div} | {r['loss_max_over_median']:.3g} | "
+            f"{'n/a' if gm is None else f'{gm:.3g}'} | {r['spiked']} |"
+        )
     lines += [
         "",
         "![lag curves](lag_curves.png)",

@@ -228,10 +228,12 @@ def _validate(layer, variables, x, lengths, initial_state) -> _Cell:
             f"(got {sorted(params)})"
         )
     if np.ndim(x) != 3:  # before _shape_sig: the layer's message, without tracing
-        raise ValueError(f"x: expected a 3-D array (batch, time, features), got shape "
-                         f"{tuple(np.shape(x))}")
-    _check_shapes(layer, _shape_sig(params), _shape_sig(x), _shape_sig(lengths),
-                  _shape_sig(initial_state))
+        raise ValueError(
+            f"x: expected a 3-D array (batch, time, features), got shape {tuple(np.shape(x))}"
+        )
+    _check_shapes(
+        layer, _shape_sig(params), _shape_sig(x), _shape_sig(lengths), _shape_sig(initial_state)
+    )
     if lengths is not None and not isinstance(lengths, jax.core.Tracer):
         lv = np.asarray(lengths)
         n_time = np.shape(x)[1]
@@ -501,9 +503,9 @@ def _cell_factors(cell: _Cell, p: Mapping, s: Array, u: Array):
     gate_t = jnp.repeat(jnp.eye(G, dtype=dtype), H, axis=1)  # (G, G*H): ones on gate g
     zeros_t = jnp.zeros_like(gate_t)
     tangents = (jnp.concatenate([gate_t, zeros_t]), jnp.concatenate([zeros_t, gate_t]))
-    resp = jax.vmap(
-        lambda ti, th: jax.jvp(of_biases, (p["bias_ih"], p["bias_hh"]), (ti, th))[1]
-    )(*tangents)
+    resp = jax.vmap(lambda ti, th: jax.jvp(of_biases, (p["bias_ih"], p["bias_hh"]), (ti, th))[1])(
+        *tangents
+    )
     a_i, a_h = resp[:G], resp[G:]
 
     def of_h(h_, b_hh):
@@ -514,8 +516,9 @@ def _cell_factors(cell: _Cell, p: Mapping, s: Array, u: Array):
     h = carry[0] if cell.mode == "LSTM" else carry
     direct = [jax.jvp(of_h, (h, p["bias_hh"]), (ones, -(ones @ p["weight_hh"].T)))[1]]
     if cell.mode == "LSTM":  # c never meets a matmul: a plain tangent on c
-        direct.append(jax.jvp(lambda c_: cell.flatten(cell.step(p, (h, c_), u)[0]),
-                              (carry[1],), (ones,))[1])
+        direct.append(
+            jax.jvp(lambda c_: cell.flatten(cell.step(p, (h, c_), u)[0]), (carry[1],), (ones,))[1]
+        )
     return a_h, jnp.stack(direct), a_i
 
 
@@ -591,10 +594,12 @@ class FactoredJacobians(NamedTuple):
 
     def _each(self, fn, *args):
         m = [None] * self.gates.shape[0] if self.masks is None else list(self.masks)
-        return jnp.stack([
-            fn(self.gates[c], self.direct[c], self.weight_hh[c], m[c], *(a[c] for a in args))
-            for c in range(self.gates.shape[0])
-        ])
+        return jnp.stack(
+            [
+                fn(self.gates[c], self.direct[c], self.weight_hh[c], m[c], *(a[c] for a in args))
+                for c in range(self.gates.shape[0])
+            ]
+        )
 
     def dense(self) -> Array:
         return _fj_dense(self)
@@ -726,10 +731,12 @@ def step_jacobians(
     st = _setup(layer, variables, x, lengths, initial_state)
     method = _resolve_method(st.cell, method)
     fw = _forward(st)
-    return _stack([
-        _chain_jacobians(st.cell, P, S, us, ms, method)
-        for P, S, us, ms in zip(fw.params, fw.states, fw.inputs, fw.masks, strict=True)
-    ])
+    return _stack(
+        [
+            _chain_jacobians(st.cell, P, S, us, ms, method)
+            for P, S, us, ms in zip(fw.params, fw.states, fw.inputs, fw.masks, strict=True)
+        ]
+    )
 
 
 def _factored(st: _Setup, fw: _Forward) -> FactoredJacobians:
@@ -946,8 +953,9 @@ def explicit_bptt(
 
             def jt(k, u):
                 take = lambda a: jax.lax.dynamic_index_in_dim(a, k, 1, keepdims=False)  # noqa: E731
-                return _factored_rmatvec(take(a_h), take(dr), W, None if mT is None else
-                                         take(mT), u)
+                return _factored_rmatvec(
+                    take(a_h), take(dr), W, None if mT is None else take(mT), u
+                )
         else:
             J = _chain_jacobians(cell, P, S, us, ms, jmethod)
             jt = _dense_rmatvec(J)
@@ -985,7 +993,9 @@ def explicit_bptt(
     if jmethod == "factored":
         parts = list(zip(*Js, strict=True))
         jacobians = FactoredJacobians(
-            _stack(list(parts[0])), _stack(list(parts[1])), _stack(list(parts[2])),
+            _stack(list(parts[0])),
+            _stack(list(parts[1])),
+            _stack(list(parts[2])),
             None if parts[3][0] is None else _stack(list(parts[3])),
         )
     else:
@@ -1211,8 +1221,10 @@ def largest_lyapunov_bruteforce(
     out = []
     for P, S, us, ms in zip(fw.params, fw.states, fw.inputs, fw.masks, strict=True):
         B, N = S.shape[1], S.shape[2]
-        v = jnp.zeros((B, N), st.dtype).at[:, 0].set(1.0) if direction is None else (
-            jnp.broadcast_to(jnp.asarray(direction, st.dtype), (B, N))
+        v = (
+            jnp.zeros((B, N), st.dtype).at[:, 0].set(1.0)
+            if direction is None
+            else (jnp.broadcast_to(jnp.asarray(direction, st.dtype), (B, N)))
         )
         logs = _perturbed_growth(st.cell, P, S, us, ms, v, eps)
         out.append(logs[burn_in:].mean(axis=0))
@@ -1365,8 +1377,9 @@ def _truncated_run(cell, P, S0, us, ms, k1: int, k2: int):
     idx = ends[:, None] - W + np.arange(W)[None, :]  # (chunks, W) step indices
     valid = jnp.asarray(idx >= 0)
     idx_c = np.maximum(idx, 0)
-    states, _ = _run(cell, jax.lax.stop_gradient(P), jax.lax.stop_gradient(S0),
-                     jax.lax.stop_gradient(us), ms)
+    states, _ = _run(
+        cell, jax.lax.stop_gradient(P), jax.lax.stop_gradient(S0), jax.lax.stop_gradient(us), ms
+    )
     starts = ends - W
     S_start = jnp.where(
         jnp.asarray(starts > 0)[:, None, None],
@@ -1490,7 +1503,12 @@ class TruncatedBPTT(nn.Module):
             return self.layer(x, initial_state=initial_state, lengths=lengths)
         variables = {"params": self.layer.variables["params"]}
         return truncated_apply(
-            self.layer.clone(parent=None), variables, x, self.k1, self.k2, lengths,
+            self.layer.clone(parent=None),
+            variables,
+            x,
+            self.k1,
+            self.k2,
+            lengths,
             initial_state=initial_state,
         )
 

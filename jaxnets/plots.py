@@ -127,8 +127,15 @@ def bars(
     ax.bar(x, [values[k] for k in labels], yerr=err, capsize=3, color="tab:blue", label="ours")
     if reference:
         rx = [i for i, k in enumerate(labels) if k in reference]
-        ax.scatter(rx, [reference[labels[i]] for i in rx], color="k", marker="_", s=400,
-                   zorder=3, label="published")
+        ax.scatter(
+            rx,
+            [reference[labels[i]] for i in rx],
+            color="k",
+            marker="_",
+            s=400,
+            zorder=3,
+            label="published",
+        )
         ax.legend(fontsize=8)
     ax.set_xticks(x, labels, rotation=30 if len(labels) > 5 else 0)
     ax.set_ylabel(ylabel)

@@ -474,7 +474,10 @@ class _Recurrent(nn.Module):
                 if initial_state is None:
                     carry0 = initial_carry(self, batch, dtype)
                 elif self.mode == "LSTM":
-                    carry0 = (initial_state[0][idx].astype(dtype), initial_state[1][idx].astype(dtype))
+                    carry0 = (
+                        initial_state[0][idx].astype(dtype),
+                        initial_state[1][idx].astype(dtype),
+                    )
                 else:
                     carry0 = initial_state[idx].astype(dtype)
                 if self.impl == "fused" and not return_states and self.proj_size == 0:
@@ -486,8 +489,13 @@ class _Recurrent(nn.Module):
                     res = ScanResult(outputs_d, final_d, None)
                 else:
                     res = scan_layer(
-                        step, p, layer_in.astype(dtype), carry0, lengths,
-                        reverse=(d == 1), return_carries=return_states,
+                        step,
+                        p,
+                        layer_in.astype(dtype),
+                        carry0,
+                        lengths,
+                        reverse=(d == 1),
+                        return_carries=return_states,
                         remat_chunk=self.remat_chunk,
                     )
                 outs.append(res.outputs)

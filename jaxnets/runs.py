@@ -290,7 +290,9 @@ def build_parser(module: types.ModuleType) -> argparse.ArgumentParser:
         tp = hints[f.name]
         if _strip_optional(tp)[0] is bool:
             g.add_argument(
-                flag, action=argparse.BooleanOptionalAction, dest=f.name,
+                flag,
+                action=argparse.BooleanOptionalAction,
+                dest=f.name,
                 help=f"(default: {default})",
             )
             continue
@@ -301,11 +303,10 @@ def build_parser(module: types.ModuleType) -> argparse.ArgumentParser:
         )
     r = p.add_argument_group("run")
     r.add_argument("--quick", action="store_true", help="apply the small QUICK overrides")
+    r.add_argument("--workdir", type=str, help=f"run directory (default: runs/{name}/<timestamp>)")
     r.add_argument(
-        "--workdir", type=str, help=f"run directory (default: runs/{name}/<timestamp>)"
-    )
-    r.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="start afresh in WORKDIR even if it holds a run (deletes that run)",
     )
     r.add_argument("--devices", type=int, help="data-parallel devices (default: 1)")
@@ -443,7 +444,12 @@ def main(module: str | types.ModuleType = "__main__", argv: list[str] | None = N
     print(f"[{name}] run directory: {path}", file=sys.stderr)
     try:
         results = run_experiment(
-            module, args, path, quick=quick, overwrite=overwrite, devices=devices,
+            module,
+            args,
+            path,
+            quick=quick,
+            overwrite=overwrite,
+            devices=devices,
             progress=progress,
         )
     except RunError as e:

@@ -144,14 +144,14 @@ def _applier(model, forward: Forward | None):
         fwd = forward or default_forward
 
         def apply(variables, batch, train, rngs, mutable):
-            return model.apply(
-                variables, batch, train, rngs=rngs, mutable=mutable, method=fwd
-            )
+            return model.apply(variables, batch, train, rngs=rngs, mutable=mutable, method=fwd)
 
         return apply
     if callable(model):
         if forward is not None:
-            raise ValueError("forward= is only for Flax modules; a plain apply_fn is its own forward")
+            raise ValueError(
+                "forward= is only for Flax modules; a plain apply_fn is its own forward"
+            )
 
         def apply(variables, batch, train, rngs, mutable):
             out = model(variables, batch, train=train, rngs=rngs)
@@ -226,9 +226,7 @@ def trainable_mask(params: Any, trainable: Any) -> Any:
     if callable(trainable):
         return jax.tree_util.tree_map_with_path(lambda p, _: bool(trainable(_path_str(p))), params)
     try:
-        return jax.tree.map(
-            lambda t, sub: jax.tree.map(lambda _: bool(t), sub), trainable, params
-        )
+        return jax.tree.map(lambda t, sub: jax.tree.map(lambda _: bool(t), sub), trainable, params)
     except ValueError as e:
         raise ValueError(
             f"trainable must be a pytree of bools matching (a prefix of) params: {e}"
@@ -323,7 +321,9 @@ def make_optimizer(
                     [warmup_steps],
                 )
         else:
-            raise ValueError(f"make_optimizer: schedule must be 'constant' or 'cosine', got {schedule!r}")
+            raise ValueError(
+                f"make_optimizer: schedule must be 'constant' or 'cosine', got {schedule!r}"
+            )
     if name == "adam":
         opt = optax.adam(lr)
     elif name == "adamw":
@@ -375,7 +375,9 @@ def data_mesh(devices: int) -> jax.sharding.Mesh:
             f"XLA_FLAGS=--xla_force_host_platform_device_count=N before starting Python"
         )
     return jax.make_mesh(
-        (devices,), ("data",), devices=jax.devices()[:devices],
+        (devices,),
+        ("data",),
+        devices=jax.devices()[:devices],
         axis_types=(jax.sharding.AxisType.Auto,),
     )
 
@@ -743,8 +745,12 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=num_steps, initial=start, desc=desc, disable=not progress,
-            dynamic_ncols=True, leave=False,
+            total=num_steps,
+            initial=start,
+            desc=desc,
+            disable=not progress,
+            dynamic_ncols=True,
+            leave=False,
         )
         window: list[dict] = []
         t_window = time.perf_counter()

@@ -252,7 +252,11 @@ class ParamGroups:
         unmatched = [p for p, g in self.assign(params).items() if g is None]
         if unmatched and default is None:
             shown = ", ".join(unmatched[:_MAX_LISTED])
-            more = f" ... and {len(unmatched) - _MAX_LISTED} more" if len(unmatched) > _MAX_LISTED else ""
+            more = (
+                f" ... and {len(unmatched) - _MAX_LISTED} more"
+                if len(unmatched) > _MAX_LISTED
+                else ""
+            )
             raise ValueError(
                 f"{len(unmatched)} parameter(s) match no group of {self!r}: {shown}{more}. "
                 f"Add a pattern for them (a last catch-all group '**' works) or pass default="
@@ -319,7 +323,9 @@ class ParamGroups:
         for r in rows:
             if r["group"] == "(unmatched)":
                 shown = ", ".join(r["paths"][:_MAX_LISTED])
-                lines.append(f"unmatched: {shown}" + (" ..." if len(r["paths"]) > _MAX_LISTED else ""))
+                lines.append(
+                    f"unmatched: {shown}" + (" ..." if len(r["paths"]) > _MAX_LISTED else "")
+                )
         return "\n".join(lines)
 
 
@@ -388,7 +394,9 @@ def from_torchvision(model: nn.Module, state_dict: Mapping[str, Any]) -> dict:
         )
     num_classes = int(np.shape(state[head])[0])
     if not hasattr(model, "num_classes"):
-        raise TypeError(f"from_torchvision: model must be a jaxnets VGG or ResNet, got {type(model).__name__}")
+        raise TypeError(
+            f"from_torchvision: model must be a jaxnets VGG or ResNet, got {type(model).__name__}"
+        )
     source = model.clone(num_classes=num_classes) if model.num_classes != num_classes else model
     return models.from_torchvision_state_dict(source, state)
 
@@ -412,7 +420,9 @@ def _listing(title: str, items: list[str]) -> str:
 
 
 def load_pretrained(
-    variables: Mapping[str, PyTree], pretrained: Mapping[str, PyTree], keep: Patterns = "features/**"
+    variables: Mapping[str, PyTree],
+    pretrained: Mapping[str, PyTree],
+    keep: Patterns = "features/**",
 ) -> dict:
     """``variables`` with the ``keep`` subtree replaced by the pretrained values.
 
@@ -617,11 +627,15 @@ def group_optimizer(
     start_steps = dict(start_steps or {})
     if callable(optimizer):
         if opt_kwargs:
-            raise ValueError(f"group_optimizer: options {sorted(opt_kwargs)} need an optimizer name")
+            raise ValueError(
+                f"group_optimizer: options {sorted(opt_kwargs)} need an optimizer name"
+            )
         make = optimizer
     else:
+
         def make(lr):
             return train.make_optimizer(optimizer, lr, **opt_kwargs)
+
     transforms = {}
     for g in names:
         lr = learning_rates[g]
@@ -629,7 +643,9 @@ def group_optimizer(
             transforms[g] = optax.set_to_zero()
             continue
         if not callable(lr) and lr < 0:
-            raise ValueError(f"group_optimizer: learning rate of group {g!r} must be >= 0, got {lr}")
+            raise ValueError(
+                f"group_optimizer: learning rate of group {g!r} must be >= 0, got {lr}"
+            )
         tx = make(lr)
         start = int(start_steps.get(g, 0))
         if start > 0:
@@ -673,7 +689,9 @@ class TransferConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"TransferConfig: method must be one of {METHODS}, got {self.method!r}")
+            raise ValueError(
+                f"TransferConfig: method must be one of {METHODS}, got {self.method!r}"
+            )
         if isinstance(self.new, str):
             object.__setattr__(self, "new", (self.new,))
         if not self.lr_factor > 0:
@@ -682,9 +700,13 @@ class TransferConfig:
                 f"got {self.lr_factor}"
             )
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ValueError(f"TransferConfig: layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise ValueError(
+                f"TransferConfig: layer_decay must be in (0, 1], got {self.layer_decay}"
+            )
         if self.unfreeze_every < 0:
-            raise ValueError(f"TransferConfig: unfreeze_every must be >= 0, got {self.unfreeze_every}")
+            raise ValueError(
+                f"TransferConfig: unfreeze_every must be >= 0, got {self.unfreeze_every}"
+            )
         if self.unfreeze_every and self.method not in ("finetune", "per_group_lr"):
             raise ValueError(
                 f"TransferConfig: gradual unfreezing (unfreeze_every) applies to 'finetune' and "

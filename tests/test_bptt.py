@@ -20,8 +20,19 @@ from jaxnets.rnn import GRU, LSTM, RNN
 CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 
 
-def make(mode="rnn", hidden=3, num_layers=1, bidirectional=False, batch=2, time=5, features=2,
-         packed=False, seed=0, dtype=jnp.float64, **kw):
+def make(
+    mode="rnn",
+    hidden=3,
+    num_layers=1,
+    bidirectional=False,
+    batch=2,
+    time=5,
+    features=2,
+    packed=False,
+    seed=0,
+    dtype=jnp.float64,
+    **kw,
+):
     """A layer, ``dtype`` variables, input and lengths (call inside enable_x64 for float64).
 
     Drawn with numpy (PyTorch's U(-1/sqrt(H), 1/sqrt(H)) init, shapes from
@@ -53,8 +64,9 @@ def spectral_scale(W, sigma):
 def slow(*cases):
     """Parametrize cases that run only with ``-m slow`` (the default tier keeps one or two
     representative cases so the suite stays fast)."""
-    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)
-            for c in cases]
+    return [
+        pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow) for c in cases
+    ]
 
 
 def rel_err(a, b):
@@ -115,15 +127,26 @@ def _apply(layer, variables, x, lengths=None):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode,num_layers,bidirectional", [
-    ("lstm", 1, True), ("gru", 2, False),
-    *slow(("rnn", 1, False), ("rnn", 2, True), ("gru", 2, True), ("lstm", 1, False),
-          ("lstm", 2, False), ("lstm", 2, True)),
-])
+@pytest.mark.parametrize(
+    "mode,num_layers,bidirectional",
+    [
+        ("lstm", 1, True),
+        ("gru", 2, False),
+        *slow(
+            ("rnn", 1, False),
+            ("rnn", 2, True),
+            ("gru", 2, True),
+            ("lstm", 1, False),
+            ("lstm", 2, False),
+            ("lstm", 2, True),
+        ),
+    ],
+)
 def test_trajectory_matches_layer(mode, num_layers, bidirectional):
     with jax.enable_x64(True):
-        layer, v, x, lengths = make(mode, num_layers=num_layers, bidirectional=bidirectional,
-                                    packed=True)
+        layer, v, x, lengths = make(
+            mode, num_layers=num_layers, bidirectional=bidirectional, packed=True
+        )
         tr = bptt.trajectory(layer, v, x, lengths)
         out, final, states = _apply(layer, v, x, lengths)
         np.testing.assert_allclose(tr.outputs, out, atol=1e-14)
@@ -133,8 +156,9 @@ def test_trajectory_matches_layer(mode, num_layers, bidirectional):
         if not bidirectional:
             n = tr.states.shape[-1] // num_layers
             for k in range(num_layers):
-                np.testing.assert_allclose(tr.states[0, :, 1:, k * n : k * n + 3],
-                                           h_states[k], atol=1e-14)
+                np.testing.assert_allclose(
+                    tr.states[0, :, 1:, k * n : k * n + 3], h_states[k], atol=1e-14
+                )
         else:
             np.testing.assert_allclose(tr.states[0, :, 1:, :3], h_states[0], atol=1e-14)
         assert len(bptt.chain_names(layer)) == tr.states.shape[0]
@@ -169,16 +193,20 @@ def _stacked_step_fd(layer, v, x_k, S, eps=1e-6):
     P = jnp.concatenate([S[None] + E, S[None] - E])  # (2N, N): a batch of states
     parts = jnp.swapaxes(P.reshape(2 * N, L, -1), 0, 1)  # (L, 2N, n)
     init = (parts[..., :H], parts[..., H:]) if lstm else parts
-    _, final = layer.apply(v, jnp.broadcast_to(x_k, (2 * N,) + x_k.shape[1:]),
-                           initial_state=init)
+    _, final = layer.apply(v, jnp.broadcast_to(x_k, (2 * N,) + x_k.shape[1:]), initial_state=init)
     F = jnp.concatenate(final, -1) if lstm else final  # (L, 2N, n)
     F = jnp.swapaxes(F, 0, 1).reshape(2 * N, N)
     return ((F[:N] - F[N:]) / (2 * eps)).T  # column j: d S' / d S_j
 
 
-@pytest.mark.parametrize("mode,num_layers", [
-    ("lstm", 2), ("gru", 1), *slow(("rnn", 1), ("rnn", 2), ("lstm", 1), ("gru", 2)),
-])
+@pytest.mark.parametrize(
+    "mode,num_layers",
+    [
+        ("lstm", 2),
+        ("gru", 1),
+        *slow(("rnn", 1), ("rnn", 2), ("lstm", 1), ("gru", 2)),
+    ],
+)
 def test_jacobians_match_finite_differences(mode, num_layers):
     with jax.enable_x64(True):
         layer, v, x, _ = make(mode, num_layers=num_layers, time=4)
@@ -207,16 +235,28 @@ def test_stacked_jacobian_is_block_lower_triangular(mode):
         np.testing.assert_allclose(J[..., n:, n:], J1, atol=1e-14)
 
 
-@pytest.mark.parametrize("mode,num_layers,bidirectional,packed", [
-    ("lstm", 1, True, True), ("rnn", 2, False, True),
-    *slow(("rnn", 1, False, True), ("rnn", 2, True, True), ("lstm", 1, False, True),
-          ("lstm", 2, False, True), ("lstm", 2, True, True), ("gru", 1, False, True),
-          ("gru", 2, False, True), ("gru", 2, True, True)),
-])
+@pytest.mark.parametrize(
+    "mode,num_layers,bidirectional,packed",
+    [
+        ("lstm", 1, True, True),
+        ("rnn", 2, False, True),
+        *slow(
+            ("rnn", 1, False, True),
+            ("rnn", 2, True, True),
+            ("lstm", 1, False, True),
+            ("lstm", 2, False, True),
+            ("lstm", 2, True, True),
+            ("gru", 1, False, True),
+            ("gru", 2, False, True),
+            ("gru", 2, True, True),
+        ),
+    ],
+)
 def test_jacobian_methods_agree(mode, num_layers, bidirectional, packed):
     with jax.enable_x64(True):
-        layer, v, x, lengths = make(mode, num_layers=num_layers, bidirectional=bidirectional,
-                                    packed=packed, batch=3)
+        layer, v, x, lengths = make(
+            mode, num_layers=num_layers, bidirectional=bidirectional, packed=packed, batch=3
+        )
         ref = bptt.step_jacobians(layer, v, x, lengths, method="jacfwd")
         got = bptt.step_jacobians(layer, v, x, lengths, method="structured")
         np.testing.assert_allclose(got, ref, atol=1e-13)
@@ -224,10 +264,12 @@ def test_jacobian_methods_agree(mode, num_layers, bidirectional, packed):
             F = bptt.factored_jacobians(layer, v, x, lengths)
             np.testing.assert_allclose(F.dense(), ref, atol=1e-13)
             u = jnp.asarray(np.random.default_rng(3).standard_normal(ref.shape[:-1]), ref.dtype)
-            np.testing.assert_allclose(F.matvec(u), jnp.einsum("...ij,...j->...i", ref, u),
-                                       atol=1e-13)
-            np.testing.assert_allclose(F.rmatvec(u), jnp.einsum("...ij,...i->...j", ref, u),
-                                       atol=1e-13)
+            np.testing.assert_allclose(
+                F.matvec(u), jnp.einsum("...ij,...j->...i", ref, u), atol=1e-13
+            )
+            np.testing.assert_allclose(
+                F.rmatvec(u), jnp.einsum("...ij,...i->...j", ref, u), atol=1e-13
+            )
 
 
 def test_bidirectional_chains_are_each_directions_recurrence():
@@ -257,8 +299,7 @@ def test_projected_lstm_uses_autodiff():
         layer, v, x, _ = make("lstm", hidden=4, proj_size=2)
         J = bptt.step_jacobians(layer, v, x)  # auto -> jacfwd
         assert J.shape == (1, 2, 5, 6, 6)
-        np.testing.assert_allclose(J, bptt.step_jacobians(layer, v, x, method="jacrev"),
-                                   atol=1e-13)
+        np.testing.assert_allclose(J, bptt.step_jacobians(layer, v, x, method="jacrev"), atol=1e-13)
         with pytest.raises(ValueError, match="proj_size"):
             bptt.step_jacobians(layer, v, x, method="structured")
         with pytest.raises(ValueError, match="proj_size"):
@@ -275,31 +316,36 @@ def test_factored_refuses_stacked_layers():
 # Explicit BPTT == jax.grad
 # ---------------------------------------------------------------------------------------
 
-configs = st.fixed_dictionaries({
-    "mode": st.sampled_from(sorted(CELLS)),
-    "num_layers": st.integers(1, 2),
-    "bidirectional": st.booleans(),
-    "packed": st.booleans(),
-    "batch": st.integers(1, 3),
-    "time": st.integers(1, 5),
-    "hidden": st.integers(1, 3),
-    "features": st.integers(1, 3),
-    "seed": st.integers(0, 2**16),
-})
+configs = st.fixed_dictionaries(
+    {
+        "mode": st.sampled_from(sorted(CELLS)),
+        "num_layers": st.integers(1, 2),
+        "bidirectional": st.booleans(),
+        "packed": st.booleans(),
+        "batch": st.integers(1, 3),
+        "time": st.integers(1, 5),
+        "hidden": st.integers(1, 3),
+        "features": st.integers(1, 3),
+        "seed": st.integers(0, 2**16),
+    }
+)
 
 
 def _methods(cfg):
     single = cfg["bidirectional"] or cfg["num_layers"] == 1
-    return st.tuples(st.sampled_from(["recursion", "products"]),
-                     st.sampled_from(["auto", "jacfwd", "jacrev"] + (["factored"] if single else [])))
+    return st.tuples(
+        st.sampled_from(["recursion", "products"]),
+        st.sampled_from(["auto", "jacfwd", "jacrev"] + (["factored"] if single else [])),
+    )
 
 
 def _check_explicit_float64(cfg, many_to_many, method, jmethod):
     with jax.enable_x64(True):
         layer, v, x, lengths = make(**cfg)
         loss_fn = a_loss(layer, many_to_many)
-        res = bptt.explicit_bptt(layer, v, x, loss_fn, lengths, method=method,
-                                 jacobian_method=jmethod)
+        res = bptt.explicit_bptt(
+            layer, v, x, loss_fn, lengths, method=method, jacobian_method=jmethod
+        )
         g_params, g_x, _ = _ref_grads(layer, loss_fn, v["params"], x, lengths, None)
         assert rel_err(res.grads, g_params) <= 1e-10
         # the per-step contributions add up to the gradient
@@ -343,8 +389,9 @@ def test_explicit_bptt_equals_jax_grad_float32_many(cfg, many_to_many):
     _check_explicit_float32(cfg, many_to_many)
 
 
-@pytest.mark.parametrize("mode,num_layers", [("lstm", 1), *slow(("lstm", 2), ("rnn", 2),
-                                                                   ("gru", 2))])
+@pytest.mark.parametrize(
+    "mode,num_layers", [("lstm", 1), *slow(("lstm", 2), ("rnn", 2), ("gru", 2))]
+)
 def test_state_grads_at_zero_are_the_initial_state_gradient(mode, num_layers):
     """g_0 = dL/dS_0, checked against jax.grad w.r.t. layer.apply's initial_state; the
     matrix-free state gradients agree at every step."""
@@ -413,8 +460,11 @@ def test_explicit_bptt_without_per_step(key):
 def test_lag_curve_indexing_and_reductions():
     g = jnp.zeros((1, 2, 4, 2)).at[0, :, :, 0].set(jnp.array([[1.0, 2, 3, 4], [3, 6, 9, 12]]))
     np.testing.assert_allclose(bptt.lag_curve(g)[0], [8, 6, 4, 2])  # lag 0 = last state
-    np.testing.assert_allclose(bptt.lag_curve(g, reduce="geomean")[0],
-                               np.sqrt(np.array([4, 3, 2, 1]) * [12, 9, 6, 3]), rtol=1e-6)
+    np.testing.assert_allclose(
+        bptt.lag_curve(g, reduce="geomean")[0],
+        np.sqrt(np.array([4, 3, 2, 1]) * [12, 9, 6, 3]),
+        rtol=1e-6,
+    )
     assert bptt.lag_curve(g, reduce="none").shape == (1, 2, 4)
     with pytest.raises(ValueError, match="reduce"):
         bptt.lag_curve(g, reduce="max")
@@ -440,11 +490,13 @@ def test_product_spectra_match_a_python_loop():
         np.testing.assert_allclose(logsv[0, 1, 0], 0.0, atol=1e-14)
         for lag in range(1, 7):
             P = P @ Jn[6 - lag]
-            np.testing.assert_allclose(np.exp(logsv[0, 1, lag]),
-                                       np.linalg.svd(P, compute_uv=False), rtol=1e-10)
+            np.testing.assert_allclose(
+                np.exp(logsv[0, 1, lag]), np.linalg.svd(P, compute_uv=False), rtol=1e-10
+            )
         np.testing.assert_allclose(bptt.product_log_norms(J), logsv[..., 0])
-        np.testing.assert_allclose(bptt.singular_values(J)[0, 1, 2],
-                                   np.linalg.svd(Jn[2], compute_uv=False), rtol=1e-12)
+        np.testing.assert_allclose(
+            bptt.singular_values(J)[0, 1, 2], np.linalg.svd(Jn[2], compute_uv=False), rtol=1e-12
+        )
 
 
 def test_long_products_do_not_underflow(key):
@@ -457,8 +509,12 @@ def test_long_products_do_not_underflow(key):
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
-@given(sigma=st.floats(0.2, 2.0), scale=st.floats(0.1, 5.0), seed=st.integers(0, 2**16),
-       hidden=st.integers(1, 4))
+@given(
+    sigma=st.floats(0.2, 2.0),
+    scale=st.floats(0.1, 5.0),
+    seed=st.integers(0, 2**16),
+    hidden=st.integers(1, 4),
+)
 def test_pascanu_bound_holds(sigma, scale, seed, hidden):
     """||dh_t/dh_k||_2 <= (sigma_max(W_hh) * 1)^(t-k) for every pair k < t (tanh RNN)."""
     with jax.enable_x64(True):
@@ -512,8 +568,9 @@ def test_lyapunov_sum_rule_and_bruteforce():
 @pytest.mark.parametrize("mode,bidirectional", [("gru", False), *slow(("lstm", True))])
 def test_matrix_free_matches_dense(mode, bidirectional):
     with jax.enable_x64(True):
-        layer, v, x, lengths = make(mode, hidden=3, time=5, packed=True,
-                                    bidirectional=bidirectional)
+        layer, v, x, lengths = make(
+            mode, hidden=3, time=5, packed=True, bidirectional=bidirectional
+        )
         J = bptt.step_jacobians(layer, v, x, lengths)
         sv = bptt.matrix_free_singular_values(layer, v, x, lengths, k=2, iters=60)
         np.testing.assert_allclose(sv, bptt.singular_values(J)[..., :2], rtol=1e-7)
@@ -530,17 +587,27 @@ def test_matrix_free_matches_dense(mode, bidirectional):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode,num_layers,bidirectional,packed,k1,k2", [
-    ("lstm", 2, False, True, 2, 3), ("rnn", 1, True, True, 2, 6),
-    *slow(("rnn", 1, False, False, 1, 1), ("rnn", 1, False, False, 2, 6),
-          ("lstm", 2, False, True, 1, 1), ("lstm", 2, False, True, 2, 6),
-          ("gru", 2, True, True, 1, 1), ("gru", 2, True, True, 2, 3),
-          ("gru", 2, True, True, 2, 6)),
-])
+@pytest.mark.parametrize(
+    "mode,num_layers,bidirectional,packed,k1,k2",
+    [
+        ("lstm", 2, False, True, 2, 3),
+        ("rnn", 1, True, True, 2, 6),
+        *slow(
+            ("rnn", 1, False, False, 1, 1),
+            ("rnn", 1, False, False, 2, 6),
+            ("lstm", 2, False, True, 1, 1),
+            ("lstm", 2, False, True, 2, 6),
+            ("gru", 2, True, True, 1, 1),
+            ("gru", 2, True, True, 2, 3),
+            ("gru", 2, True, True, 2, 6),
+        ),
+    ],
+)
 def test_truncated_values_and_full_gradient(mode, num_layers, bidirectional, packed, k1, k2):
     with jax.enable_x64(True):
-        layer, v, x, lengths = make(mode, num_layers=num_layers, bidirectional=bidirectional,
-                                    packed=packed, time=6)
+        layer, v, x, lengths = make(
+            mode, num_layers=num_layers, bidirectional=bidirectional, packed=packed, time=6
+        )
         out, final = bptt.truncated_apply(layer, v, x, k1, k2, lengths)
         ref_out, ref_final, _ = _apply(layer, v, x, lengths)
         np.testing.assert_allclose(out, ref_out, atol=1e-13)
@@ -584,6 +651,7 @@ def test_truncation_windows_follow_williams_peng():
     with jax.enable_x64(True):
         T, k1, k2 = 10, 3, 5
         layer, v, x, _ = make("gru", time=T)
+
         def outputs(x):  # (T,) <- (B, T, I): one number per step
             out, _ = bptt.truncated_apply(layer, v, x, k1, k2)
             return jnp.tanh(out).sum(axis=(0, 2))
@@ -614,7 +682,8 @@ def test_truncated_module_trains_with_the_train_step(key):
     state = train.init_state(model, tx, key, batch)
     plain = LSTM(4)
     assert jax.tree.map(jnp.shape, state.params["LSTM_0"]) == jax.tree.map(
-        jnp.shape, plain.init(key, x)["params"])
+        jnp.shape, plain.init(key, x)["params"]
+    )
     step = train.make_train_step(model, train.mse_loss, tx)
 
     def loss(p):  # the same model written by hand around truncated_apply

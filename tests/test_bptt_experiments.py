@@ -12,8 +12,9 @@ from jaxnets import bptt, runs
 
 
 def test_vanishing_gradients_quick(tmp_path):
-    res = runs.run_experiment("vanishing_gradients", workdir=tmp_path / "r", quick=True,
-                              progress=False)
+    res = runs.run_experiment(
+        "vanishing_gradients", workdir=tmp_path / "r", quick=True, progress=False
+    )
     cfg = runs.config_from_args(vanishing_gradients, quick=True)
     T = cfg.seq_len
     for cell in ("rnn", "lstm", "gru"):
@@ -65,8 +66,7 @@ def test_readout_mse_is_the_models_loss(key):
 
 
 def test_adding_problem_quick(tmp_path):
-    res = runs.run_experiment("adding_problem", workdir=tmp_path / "r", quick=True,
-                              progress=False)
+    res = runs.run_experiment("adding_problem", workdir=tmp_path / "r", quick=True, progress=False)
     cfg = runs.config_from_args(adding_problem, quick=True)
     (T,) = cfg.lengths
     assert set(res[f"T{T}"]) == set(cfg.cells)
@@ -101,9 +101,15 @@ def test_tbptt_option_is_wired(key):
     full = bptt.RecurrentReadout("lstm", 4)
     cut = bptt.RecurrentReadout("lstm", 4, tbptt=(2, 3))
     params = jax.jit(full.init)(key, x)["params"]
-    assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(cut.init, key, x)["params"])
-    np.testing.assert_allclose(jax.jit(cut.apply)({"params": params}, x),
-                               jax.jit(full.apply)({"params": params}, x), rtol=1e-5, atol=1e-6)
+    assert jax.tree.structure(params) == jax.tree.structure(
+        jax.eval_shape(cut.init, key, x)["params"]
+    )
+    np.testing.assert_allclose(
+        jax.jit(cut.apply)({"params": params}, x),
+        jax.jit(full.apply)({"params": params}, x),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     gx = jax.jit(jax.grad(lambda x: cut.apply({"params": params}, x).sum()))(x)
     np.testing.assert_array_equal(gx[:, : 12 - 3], 0.0)
     with pytest.raises(ValueError, match="tbptt"):

@@ -89,7 +89,9 @@ def test_he_schedule_steps_and_warmup():
     )
     w = train.he_schedule(0.1, (32_000, 48_000), warmup=400)
     assert [float(w(t)) for t in (0, 399, 400, 40_000)] == pytest.approx([0.01, 0.01, 0.1, 0.01])
-    with pytest.raises(ValueError, match=r"milestones must be strictly increasing.*\(48000, 32000\)"):
+    with pytest.raises(
+        ValueError, match=r"milestones must be strictly increasing.*\(48000, 32000\)"
+    ):
         train.he_schedule(0.1, (48_000, 32_000))
     with pytest.raises(ValueError, match=r"warmup must be in \[0, first milestone 100\), got 100"):
         train.he_schedule(0.1, (100, 200), warmup=100)

@@ -17,7 +17,11 @@ def test_readme_python_block_runs(index, tmp_path):
     script = tmp_path / f"block{index}.py"
     script.write_text(BLOCKS[index])
     proc = subprocess.run(
-        [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"},
     )
     assert proc.returncode == 0, f"README block {index} failed:\n{BLOCKS[index]}\n{proc.stderr}"

@@ -105,7 +105,7 @@ def np_cell(mode, p, h, c, x, nonlinearity):
         return h, c
     if mode == "LSTM":
         H = c.shape[-1]
-        i, f, gg, o = (g[:, k * H:(k + 1) * H] for k in range(4))
+        i, f, gg, o = (g[:, k * H : (k + 1) * H] for k in range(4))
         c = _sig(f) * c + _sig(i) * np.tanh(gg)
         h = _sig(o) * np.tanh(c)
         if "weight_hr" in p:
@@ -115,8 +115,8 @@ def np_cell(mode, p, h, c, x, nonlinearity):
     gi = x @ p["weight_ih"].T + p["bias_ih"]
     gh = h @ p["weight_hh"].T + p["bias_hh"]
     r = _sig(gi[:, :H] + gh[:, :H])
-    z = _sig(gi[:, H:2 * H] + gh[:, H:2 * H])
-    n = np.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+    z = _sig(gi[:, H : 2 * H] + gh[:, H : 2 * H])
+    n = np.tanh(gi[:, 2 * H :] + r * gh[:, 2 * H :])
     return (1 - z) * n + z * h, c
 
 
@@ -130,7 +130,7 @@ def np_layer(layer, params, x, lengths):
     cn = np.zeros((dirs * layer.num_layers, B, H))
     for b in range(B):
         L = int(lengths[b])
-        inp = x[b:b + 1, :L]
+        inp = x[b : b + 1, :L]
         for k in range(layer.num_layers):
             outs = []
             for d in range(dirs):
@@ -214,9 +214,11 @@ def test_scan_equals_python_loop_over_step(mode, key):
 
 @pytest.mark.parametrize(
     "layer",
-    [RNN(3, num_layers=2, param_dtype=jnp.float64),
-     LSTM(3, bidirectional=True, proj_size=2, param_dtype=jnp.float64),
-     GRU(3, num_layers=2, bidirectional=True, param_dtype=jnp.float64)],
+    [
+        RNN(3, num_layers=2, param_dtype=jnp.float64),
+        LSTM(3, bidirectional=True, proj_size=2, param_dtype=jnp.float64),
+        GRU(3, num_layers=2, bidirectional=True, param_dtype=jnp.float64),
+    ],
     ids=["rnn", "lstm", "gru"],
 )
 def test_gradients_match_finite_differences(layer):
@@ -248,7 +250,7 @@ def test_lengths_semantics(key):
     np.testing.assert_array_equal(h, h2)
     # each sequence equals running it alone at its own length (reverse starts at its end)
     for b, L in enumerate([6, 4, 1]):
-        ob, (hb, cb) = layer.apply(variables, x[b:b + 1, :L])
+        ob, (hb, cb) = layer.apply(variables, x[b : b + 1, :L])
         np.testing.assert_allclose(out[b, :L], ob[0], atol=1e-6)
         np.testing.assert_allclose(h[:, b], hb[:, 0], atol=1e-6)
         np.testing.assert_allclose(c[:, b], cb[:, 0], atol=1e-6)
@@ -321,10 +323,16 @@ def lstm_vars(key):
         (dict(lengths=np.array([5])), ValueError, r"lengths: expected shape \(2,\)"),
         (dict(lengths=np.array([5.0, 2.0])), TypeError, "lengths: expected an integer"),
         (dict(initial_state=np.zeros((2, 2, 4))), ValueError, "expected a pair"),
-        (dict(initial_state=(np.zeros((1, 2, 4)), np.zeros((2, 2, 4)))), ValueError,
-         r"expected h_0 of shape \(2, 2, 4\), got \(1, 2, 4\)"),
-        (dict(initial_state=(np.zeros((2, 2, 4)), np.zeros((2, 2, 5)))), ValueError,
-         r"expected c_0 of shape \(2, 2, 4\)"),
+        (
+            dict(initial_state=(np.zeros((1, 2, 4)), np.zeros((2, 2, 4)))),
+            ValueError,
+            r"expected h_0 of shape \(2, 2, 4\), got \(1, 2, 4\)",
+        ),
+        (
+            dict(initial_state=(np.zeros((2, 2, 4)), np.zeros((2, 2, 5)))),
+            ValueError,
+            r"expected c_0 of shape \(2, 2, 4\)",
+        ),
     ],
 )
 def test_bad_input_errors(lstm_vars, kwargs, err, match):

@@ -56,8 +56,25 @@ def make_module(name="fake", crash_once=False):
 def test_parser_has_a_typed_flag_per_field():
     mod = make_module()
     p = runs.build_parser(mod)
-    args = vars(p.parse_args(["--lr", "0.3", "--model", "b", "--no-use-bn", "--widths", "1", "2",
-                              "3", "--clip", "none", "--seed", "7"]))
+    args = vars(
+        p.parse_args(
+            [
+                "--lr",
+                "0.3",
+                "--model",
+                "b",
+                "--no-use-bn",
+                "--widths",
+                "1",
+                "2",
+                "3",
+                "--clip",
+                "none",
+                "--seed",
+                "7",
+            ]
+        )
+    )
     cfg = runs.config_from_args(mod, args)
     assert cfg == mod.Config(seed=7, lr=0.3, model="b", use_bn=False, widths=(1, 2, 3), clip=None)
     assert runs.config_from_args(mod, vars(p.parse_args(["--clip", "2.5"]))).clip == 2.5

@@ -36,8 +36,15 @@ def test_classifier_shapes(key):
     lengths = jax.ShapeDtypeStruct((3,), jnp.int32)
     for cell in ("rnn", "lstm", "gru"):
         for bidirectional in (False, True):
-            m = S.SequenceClassifier(V, 5, embed_dim=4, hidden_size=6, cell=cell,
-                                     num_layers=2, bidirectional=bidirectional)
+            m = S.SequenceClassifier(
+                V,
+                5,
+                embed_dim=4,
+                hidden_size=6,
+                cell=cell,
+                num_layers=2,
+                bidirectional=bidirectional,
+            )
             v = jax.eval_shape(m.init, key, x)
             logits, state = jax.eval_shape(
                 lambda v, x, n, m=m: m.apply(v, x, n, mutable=["intermediates"]), v, x, lengths
@@ -46,16 +53,18 @@ def test_classifier_shapes(key):
             feats = state["intermediates"]["features"][0]
             assert feats.shape == (3, 6 * (1 + bidirectional))
             rnn = v["params"]["rnn"]
-            assert set(rnn) == ({"l0", "l1", "l0_reverse", "l1_reverse"} if bidirectional
-                                else {"l0", "l1"})
+            assert set(rnn) == (
+                {"l0", "l1", "l0_reverse", "l1_reverse"} if bidirectional else {"l0", "l1"}
+            )
 
 
 @pytest.mark.parametrize(
     ("pooling", "bidirectional"), [("last", False), ("last", True), ("max", True)]
 )
 def test_classifier_ignores_padding(key, pooling, bidirectional):
-    m = S.SequenceClassifier(V, 4, embed_dim=4, hidden_size=5, cell="gru",
-                             bidirectional=bidirectional, pooling=pooling)
+    m = S.SequenceClassifier(
+        V, 4, embed_dim=4, hidden_size=5, cell="gru", bidirectional=bidirectional, pooling=pooling
+    )
     x = _tokens(key, 3, 7)
     lengths = jnp.array([7, 3, 3])
     v = jax.jit(m.init)(key, x, lengths)
@@ -109,13 +118,15 @@ def test_language_model_is_causal_and_stateful(key):
     a, state = apply(v, x[:, :4])
     b, final2 = apply(v, x[:, 4:], initial_state=state)
     np.testing.assert_allclose(jnp.concatenate([a, b], 1), logits, rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6),
-                 final2, final)
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6), final2, final)
     # padding: row 1 has length 4; its final state is the state after 4 symbols
     lengths = jnp.array([8, 4])
     _, final_pad = apply(v, _pad_garbage(x, lengths, jax.random.key(3)), lengths=lengths)
-    jax.tree.map(lambda p, q: np.testing.assert_allclose(p[:, 1], q[:, 1], rtol=1e-5,
-                                                         atol=1e-6), final_pad, state)
+    jax.tree.map(
+        lambda p, q: np.testing.assert_allclose(p[:, 1], q[:, 1], rtol=1e-5, atol=1e-6),
+        final_pad,
+        state,
+    )
 
 
 def _loop_generate(apply, v, prompt, steps, pick):
@@ -145,7 +156,10 @@ def test_generate_sampling_equals_python_loop_and_is_deterministic(key):
     k7 = jax.random.key(7)
     got = S.generate(m, v, prompt, 6, k7, temperature=1.3, top_k=4)
     want = _loop_generate(
-        apply, v, prompt, 6,
+        apply,
+        v,
+        prompt,
+        6,
         lambda lg, t: S.sample_logits(lg, jax.random.fold_in(k7, t), 1.3, 4),
     )
     np.testing.assert_array_equal(got, want)
@@ -190,8 +204,10 @@ def test_sample_logits_distribution_top_k_and_suppression(key):
     m, v, _ = _lm()
     hot = [S.generate(m, v, _tokens(key, 2, 3), 6, jax.random.key(s), 5.0) for s in range(4)]
     assert np.asarray(hot).min() < 4  # at this temperature specials do get drawn ...
-    cool = [S.generate(m, v, _tokens(key, 2, 3), 6, jax.random.key(s), 5.0,
-                       suppress_ids=(0, 1, 2, 3)) for s in range(4)]
+    cool = [
+        S.generate(m, v, _tokens(key, 2, 3), 6, jax.random.key(s), 5.0, suppress_ids=(0, 1, 2, 3))
+        for s in range(4)
+    ]
     assert np.asarray(cool).min() >= 4  # ... unless suppressed
 
 
@@ -234,10 +250,12 @@ def test_additive_attention_float64_reference():
     wq, wk, vv = rng.normal(size=(6, 3)), rng.normal(size=(4, 3)), rng.normal(size=(3,))
     q = rng.normal(size=(2, 6))
     with jax.enable_x64(True):
-        mem = S.Memory(jnp.asarray(values), jnp.asarray(values) @ jnp.asarray(wk),
-                       jnp.asarray(mask))
-        ctx, w = S.additive_attention({"query": jnp.asarray(wq), "v": jnp.asarray(vv)},
-                                      jnp.asarray(q), mem)
+        mem = S.Memory(
+            jnp.asarray(values), jnp.asarray(values) @ jnp.asarray(wk), jnp.asarray(mask)
+        )
+        ctx, w = S.additive_attention(
+            {"query": jnp.asarray(wq), "v": jnp.asarray(vv)}, jnp.asarray(q), mem
+        )
     for b in range(2):
         n = mask[b].sum()
         e = np.tanh(values[b, :n] @ wk + q[b] @ wq) @ vv
@@ -289,10 +307,18 @@ _S2S_CACHE = {}
 def _s2s(name):
     if name not in _S2S_CACHE:
         c = S2S_CONFIGS[name]
-        m = S.Seq2Seq(V, TV, embed_dim=4, hidden_size=6, cell=c["cell"],
-                      encoder_layers=c["layers"], decoder_layers=c["layers"],
-                      bidirectional_encoder=c["bidirectional"], attention=c["attention"],
-                      attention_size=5)
+        m = S.Seq2Seq(
+            V,
+            TV,
+            embed_dim=4,
+            hidden_size=6,
+            cell=c["cell"],
+            encoder_layers=c["layers"],
+            decoder_layers=c["layers"],
+            bidirectional_encoder=c["bidirectional"],
+            attention=c["attention"],
+            attention_size=5,
+        )
         key = jax.random.key(0)
         src = _tokens(key, 3, 6)
         tgt = jax.random.randint(jax.random.key(9), (3, 4), 4, TV)
@@ -316,8 +342,17 @@ def test_seq2seq_shapes(key):
     tgt = jax.ShapeDtypeStruct((3, 4), jnp.int32)
     for attention in (None, "bahdanau", "luong"):
         for cell in ("rnn", "lstm", "gru"):
-            m = S.Seq2Seq(V, TV, embed_dim=4, hidden_size=6, cell=cell, encoder_layers=2,
-                          decoder_layers=2, attention=attention, attention_size=5)
+            m = S.Seq2Seq(
+                V,
+                TV,
+                embed_dim=4,
+                hidden_size=6,
+                cell=cell,
+                encoder_layers=2,
+                decoder_layers=2,
+                attention=attention,
+                attention_size=5,
+            )
             v = jax.eval_shape(m.init, key, src, lengths, tgt)
             logits, w = jax.eval_shape(m.apply, v, src, lengths, tgt)
             assert logits.shape == (3, 4, TV)

@@ -43,8 +43,11 @@ def _reference_kn(train, order, vocab, pad):
             total = sum(f)
             c = counts[k].get(h + (w,), 0)
             d = 0 if c == 0 else (d1 if c == 1 else d2 if c == 2 else d3)
-            gamma = (d1 * sum(v == 1 for v in f) + d2 * sum(v == 2 for v in f)
-                     + d3 * sum(v >= 3 for v in f)) / total
+            gamma = (
+                d1 * sum(v == 1 for v in f)
+                + d2 * sum(v == 2 for v in f)
+                + d3 * sum(v >= 3 for v in f)
+            ) / total
             p = max(c - d, 0) / total + gamma * p
         return p
 
@@ -70,8 +73,9 @@ def test_matches_dictionary_reference(order):
     lm = ngram.fit_kneser_ney(train, order, vocab, pad)
     ref = _reference_kn(train, order, vocab, pad)
     padded = [pad] * (order - 1) + test.tolist()
-    want = [np.log2(ref(padded[t : t + order - 1], padded[t + order - 1]))
-            for t in range(1, len(test))]
+    want = [
+        np.log2(ref(padded[t : t + order - 1], padded[t + order - 1])) for t in range(1, len(test))
+    ]
     np.testing.assert_allclose(lm.log2_probs(test), want, rtol=1e-10)
 
 

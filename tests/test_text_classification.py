@@ -6,8 +6,7 @@ from jaxnets import runs
 
 
 def test_quick_run_reports_models_and_baseline(tmp_path):
-    runs.run_experiment("text_classification", workdir=tmp_path / "r", quick=True,
-                        progress=False)
+    runs.run_experiment("text_classification", workdir=tmp_path / "r", quick=True, progress=False)
     on_disk = json.loads((tmp_path / "r" / "results.json").read_text())
     assert on_disk["class_names"] == ["fortunes", "limerick", "murphy", "zippy", "startrek"]
     assert set(on_disk["models"]) == {"bag_of_chars", "rnn", "bilstm"}

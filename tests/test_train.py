@@ -76,8 +76,9 @@ def test_sgd_step_matches_closed_form_linear_regression():
     np.testing.assert_allclose(m["loss"], (resid**2).mean(), rtol=1e-5)
     np.testing.assert_allclose(m["grad_norm"], gnorm, rtol=1e-5)
     np.testing.assert_allclose(m["update_norm"], lr * gnorm, rtol=1e-5)
-    pnorm = np.sqrt((np.asarray(new.params["kernel"]) ** 2).sum()
-                    + (np.asarray(new.params["bias"]) ** 2).sum())
+    pnorm = np.sqrt(
+        (np.asarray(new.params["kernel"]) ** 2).sum() + (np.asarray(new.params["bias"]) ** 2).sum()
+    )
     np.testing.assert_allclose(m["param_norm"], pnorm, rtol=1e-5)
     assert int(new.step) == 1 and float(m["finite"]) == 1.0
 
@@ -109,8 +110,10 @@ def test_overfit_one_batch():
 def test_batchnorm_running_stats_follow_flax_momentum():
     """After one step: mean' = 0.9 * 0 + 0.1 * mean_b(h), var' = 0.9 * 1 + 0.1 * var_b(h)."""
     rng = np.random.default_rng(2)
-    batch = {"x": rng.standard_normal((32, 3)).astype(np.float32),
-             "y": rng.integers(0, 2, 32).astype(np.int32)}
+    batch = {
+        "x": rng.standard_normal((32, 3)).astype(np.float32),
+        "y": rng.integers(0, 2, 32).astype(np.int32),
+    }
     model = BNNet()
     tx = optax.sgd(0.1)
     state = train.init_state(model, tx, jax.random.key(0), batch)
@@ -137,8 +140,12 @@ def test_dropout_key_is_fold_in_of_step():
     y = jnp.asarray(batch["y"])
 
     def loss_with_key(k):
-        logits = model.apply({"params": state.params}, batch["x"], train=True,
-                             rngs={"dropout": jax.random.fold_in(state.rng, k)})
+        logits = model.apply(
+            {"params": state.params},
+            batch["x"],
+            train=True,
+            rngs={"dropout": jax.random.fold_in(state.rng, k)},
+        )
         return float(train.cross_entropy(logits, y)[0])
 
     want, at_step0 = loss_with_key(7), loss_with_key(0)
@@ -261,12 +268,22 @@ def _fit(tmp, steps=16, seed=0, **kw):
     d = _toy(n=96)
     batches = data.Batches(d, 16, seed=seed)
     sched = optax.cosine_decay_schedule(1e-2, 24)
-    trainer = train.Trainer(MLP(dropout=0.2), train.cross_entropy_loss, optax.adam(sched),
-                            schedule=sched)
+    trainer = train.Trainer(
+        MLP(dropout=0.2), train.cross_entropy_loss, optax.adam(sched), schedule=sched
+    )
     state = trainer.init(jax.random.key(seed), batches(0))
     rd = RunDir(tmp, progress=False)
-    res = trainer.fit(state, batches, steps, run_dir=rd, log_every=4, eval_every=8,
-                      checkpoint_every=10, eval_batches=lambda: data.eval_batches(d, 32), **kw)
+    res = trainer.fit(
+        state,
+        batches,
+        steps,
+        run_dir=rd,
+        log_every=4,
+        eval_every=8,
+        checkpoint_every=10,
+        eval_batches=lambda: data.eval_batches(d, 32),
+        **kw,
+    )
     return trainer, res, rd
 
 
@@ -277,8 +294,16 @@ def test_same_seed_gives_identical_metrics_and_params(tmp_path):
     assert train.strip_timing(m1) == train.strip_timing(m2)
     assert train.tree_equal(r1.state.params, r2.state.params)
     keys = set(m1[0])
-    assert {"step", "loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr",
-            "steps_per_sec"} <= keys
+    assert {
+        "step",
+        "loss",
+        "accuracy",
+        "grad_norm",
+        "param_norm",
+        "update_norm",
+        "lr",
+        "steps_per_sec",
+    } <= keys
     assert [r["step"] for r in m1 if "loss" in r] == [4, 8, 12, 16]
     assert [r["step"] for r in m1 if "eval_loss" in r] == [8, 16]
     np.testing.assert_allclose(m1[0]["lr"], optax.cosine_decay_schedule(1e-2, 24)(3), rtol=1e-6)
@@ -300,7 +325,7 @@ def test_train_step_traces_once():
     assert int(state.step) == 4
 
 
-RESUME_SCRIPT = textwrap.dedent('''
+RESUME_SCRIPT = textwrap.dedent("""
     import sys, time
     import flax.linen as nn, jax, numpy as np, optax
     from jaxnets import data, train
@@ -332,20 +357,23 @@ RESUME_SCRIPT = textwrap.dedent('''
 
     if __name__ == "__main__":
         fit(sys.argv[1], float(sys.argv[2]))
-''')
+""")
 
 
 def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
     script = tmp_path / "resume_script.py"
     script.write_text(RESUME_SCRIPT)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(killed), "0.04"], cwd=ROOT,
-                            env=os.environ.copy())
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(killed), "0.04"], cwd=ROOT, env=os.environ.copy()
+    )
     ckpt = killed / "checkpoints"
     deadline = time.time() + 60
     try:
         while time.time() < deadline and proc.poll() is None:
-            if ckpt.exists() and any(p.name.isdigit() and int(p.name) >= 10 for p in ckpt.iterdir()):
+            if ckpt.exists() and any(
+                p.name.isdigit() and int(p.name) >= 10 for p in ckpt.iterdir()
+            ):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the run finished (or died) before it could be killed"

@@ -80,8 +80,10 @@ def _reference_match(pattern_segs: list[str], path_segs: list[str]) -> bool:
     head, rest = pattern_segs[0], pattern_segs[1:]
     if head == "**":
         return any(_reference_match(rest, path_segs[i:]) for i in range(len(path_segs) + 1))
-    return bool(path_segs) and fnmatch.fnmatchcase(path_segs[0], head) and _reference_match(
-        rest, path_segs[1:]
+    return (
+        bool(path_segs)
+        and fnmatch.fnmatchcase(path_segs[0], head)
+        and _reference_match(rest, path_segs[1:])
     )
 
 
@@ -96,8 +98,9 @@ def test_glob_agrees_with_reference_matcher(pattern_segs, path_segs):
     assert pred("/".join(path_segs)) == _reference_match(pattern_segs, path_segs)
 
 
-@pytest.mark.parametrize("bad, err", [("", TypeError), ("a//b", ValueError),
-                                      ("a**/b", ValueError), ("re:(", ValueError)])
+@pytest.mark.parametrize(
+    "bad, err", [("", TypeError), ("a//b", ValueError), ("a**/b", ValueError), ("re:(", ValueError)]
+)
 def test_bad_patterns_raise(bad, err):
     with pytest.raises(err, match="pattern"):
         transfer.compile_pattern(bad)
@@ -139,8 +142,9 @@ def _trained_source(tmp_path, key, classes=3, steps=3):
     trainer = train.Trainer(model, train.cross_entropy_loss, optax.adam(1e-2))
     batches = data.Batches(_images(classes=classes), 8, seed=0)
     state = trainer.init(key, batches(0))
-    res = trainer.fit(state, batches, steps, run_dir=tmp_path / "src", checkpoint_every=2,
-                      progress=False)
+    res = trainer.fit(
+        state, batches, steps, run_dir=tmp_path / "src", checkpoint_every=2, progress=False
+    )
     return res.state
 
 
@@ -374,7 +378,9 @@ def test_layerwise_decay_by_depth(key):
 def test_gradual_unfreezing_schedule_and_chaining(key, tmp_path):
     model, setup, state, batches = _setup_state("finetune", key, opt="adam", unfreeze_every=2)
     assert [(p.start, p.groups) for p in setup.phases] == [
-        (0, ("head",)), (2, ("stage2", "head")), (4, ("stage1", "stage2", "head"))
+        (0, ("head",)),
+        (2, ("stage2", "head")),
+        (4, ("stage1", "stage2", "head")),
     ]
     p0 = _copy(state.params)
     loss = train.cross_entropy_loss

@@ -37,9 +37,13 @@ REFERENCES = ("torch", "flax")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.bench", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds (smoke test)")
-    p.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    p.add_argument(
+        "--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}"
+    )
     p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 15 RNN, 7 CNN)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all cores)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")

@@ -76,12 +76,23 @@ def candidates(cell: str, shape: Shape) -> dict:
         "grad_scan": grad_of(scan_layer),
         "jacobians_dense": jax.jit(lambda v, x: bptt.step_jacobians(layer, v, x)),
         "jacobians_factored": jax.jit(lambda v, x: bptt.factored_jacobians(layer, v, x)),
-        "explicit_dense": jax.jit(lambda v, x: bptt.explicit_bptt(
-            layer, v, x, loss_fn, jacobian_method="structured", per_step=False).grads),
-        "explicit_factored": jax.jit(lambda v, x: bptt.explicit_bptt(
-            layer, v, x, loss_fn, jacobian_method="factored", per_step=False).grads),
-        "lag_curve": jax.jit(lambda v, x: bptt.lag_curve(
-            bptt.state_gradients(layer, v, x, loss_fn).state_grads)),
+        "explicit_dense": jax.jit(
+            lambda v, x: (
+                bptt.explicit_bptt(
+                    layer, v, x, loss_fn, jacobian_method="structured", per_step=False
+                ).grads
+            )
+        ),
+        "explicit_factored": jax.jit(
+            lambda v, x: (
+                bptt.explicit_bptt(
+                    layer, v, x, loss_fn, jacobian_method="factored", per_step=False
+                ).grads
+            )
+        ),
+        "lag_curve": jax.jit(
+            lambda v, x: bptt.lag_curve(bptt.state_gradients(layer, v, x, loss_fn).state_grads)
+        ),
     }
     return {name: (lambda f=f: jax.block_until_ready(f(variables, x))) for name, f in fns.items()}
 
@@ -96,10 +107,14 @@ def compile_times(cell: str, shape: Shape, lengths=(10, 1000)) -> dict:
         fns = {
             "grad": jax.grad(lambda v, x: loss_fn(*layer.apply(v, x))),
             "jacobians_dense": lambda v, x: bptt.step_jacobians(layer, v, x),
-            "explicit_factored": lambda v, x: bptt.explicit_bptt(
-                layer, v, x, loss_fn, jacobian_method="factored", per_step=False).grads,
+            "explicit_factored": lambda v, x: (
+                bptt.explicit_bptt(
+                    layer, v, x, loss_fn, jacobian_method="factored", per_step=False
+                ).grads
+            ),
             "lag_curve": lambda v, x: bptt.lag_curve(
-                bptt.state_gradients(layer, v, x, loss_fn).state_grads),
+                bptt.state_gradients(layer, v, x, loss_fn).state_grads
+            ),
         }
         for name, f in fns.items():
             t0 = time.perf_counter()
@@ -114,8 +129,12 @@ def measure(quick: bool = False, rounds: int | None = None) -> dict:
     ``grad`` (with the min-max of the per-round ratios)."""
     shape = QUICK if quick else Shape()
     rounds = rounds or (2 if quick else 5)
-    out: dict = {"shape": dataclasses.asdict(shape), "rounds": rounds,
-                 "load_before": os.getloadavg()[0], "device": str(jax.devices()[0])}
+    out: dict = {
+        "shape": dataclasses.asdict(shape),
+        "rounds": rounds,
+        "load_before": os.getloadavg()[0],
+        "device": str(jax.devices()[0]),
+    }
     for cell in CELLS:
         times = timing.interleaved(candidates(cell, shape), rounds=rounds)
         out[cell] = timing.summary(times, base="grad")
@@ -137,22 +156,35 @@ def markdown(res: dict) -> str:
     ]
     for cell in CELLS:
         for name, r in res[cell].items():
-            ratio = "1" if name == "grad" else (
-                f"{r['ratio']:.2f} ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})")
-            lines.append(f"| {cell} | {name} | {r['median']:.4f} | {r['min']:.4f}-{r['max']:.4f} "
-                         f"| {ratio} |")
-    lines += ["", "Compile time (s):", "", "| cell | computation | " +
-              " | ".join(next(iter(next(iter(res["compile"].values())).values()))) + " |",
-              "|---|---|" + "---|" * len(next(iter(next(iter(res["compile"].values())).values())))]
+            ratio = (
+                "1"
+                if name == "grad"
+                else (f"{r['ratio']:.2f} ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})")
+            )
+            lines.append(
+                f"| {cell} | {name} | {r['median']:.4f} | {r['min']:.4f}-{r['max']:.4f} | {ratio} |"
+            )
+    lines += [
+        "",
+        "Compile time (s):",
+        "",
+        "| cell | computation | "
+        + " | ".join(next(iter(next(iter(res["compile"].values())).values())))
+        + " |",
+        "|---|---|" + "---|" * len(next(iter(next(iter(res["compile"].values())).values()))),
+    ]
     for cell, per in res["compile"].items():
         for name, ts in per.items():
-            lines.append(f"| {cell} | {name} | " + " | ".join(f"{t:.2f}" for t in ts.values()) + " |")
+            lines.append(
+                f"| {cell} | {name} | " + " | ".join(f"{t:.2f}" for t in ts.values()) + " |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench.jacobians",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.bench.jacobians", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
     p.add_argument("--rounds", type=int, default=None)
     a = p.parse_args(argv)
@@ -161,4 +193,3 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-

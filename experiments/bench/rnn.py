@@ -93,7 +93,7 @@ def flax_step(mode: str, shape: Shape) -> Callable[[], None]:
 
 
 def torch_device() -> str:
-    """"cuda" when JAX runs on a GPU and PyTorch sees one (the GPU script), else "cpu"."""
+    """ "cuda" when JAX runs on a GPU and PyTorch sees one (the GPU script), else "cpu"."""
     import torch
 
     return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"

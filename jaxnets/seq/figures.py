@@ -70,8 +70,15 @@ def confusion(
     ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
-            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if frac[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                int(m[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if frac[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xlabel("predicted")

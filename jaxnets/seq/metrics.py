@@ -76,7 +76,9 @@ def boundary_f1(true_tags: Sequence[np.ndarray], pred_tags: Sequence[np.ndarray]
     for t, p in zip(true_tags, pred_tags, strict=True):
         t, p = np.asarray(t)[1:] == 1, np.asarray(p)[1:] == 1
         if t.shape != p.shape:
-            raise ValueError(f"pred_tags: a sequence has length {p.size + 1}, expected {t.size + 1}")
+            raise ValueError(
+                f"pred_tags: a sequence has length {p.size + 1}, expected {t.size + 1}"
+            )
         tp += int(np.sum(t & p))
         n_pred += int(p.sum())
         n_true += int(t.sum())

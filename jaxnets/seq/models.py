@@ -108,14 +108,21 @@ def length_mask(lengths: Int[Array, " batch"] | None, n_time: int, batch: int) -
 
 
 def recurrent_layer(
-    cell: str, hidden_size: int, num_layers: int = 1, bidirectional: bool = False,
-    dropout: float = 0.0, name: str | None = None,
+    cell: str,
+    hidden_size: int,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    name: str | None = None,
 ) -> nn.Module:
     """The ``jaxnets.rnn`` layer named by ``cell`` ("rnn" = tanh Elman, "lstm", "gru")."""
     _check_cell(cell)
     return CELLS[cell](
-        hidden_size=hidden_size, num_layers=num_layers, bidirectional=bidirectional,
-        dropout=dropout, name=name,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        bidirectional=bidirectional,
+        dropout=dropout,
+        name=name,
     )
 
 
@@ -210,7 +217,11 @@ class SequenceClassifier(nn.Module):
         x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         rnn = recurrent_layer(
-            self.cell, self.hidden_size, self.num_layers, self.bidirectional, self.dropout,
+            self.cell,
+            self.hidden_size,
+            self.num_layers,
+            self.bidirectional,
+            self.dropout,
             name="rnn",
         )
         outputs, final = rnn(x, lengths=lengths, deterministic=deterministic)
@@ -269,10 +280,12 @@ class LanguageModel(nn.Module):
         _check_tokens(tokens, lengths)
         x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-        rnn = recurrent_layer(self.cell, self.hidden_size, self.num_layers, False, self.dropout,
-                              name="rnn")
-        outputs, final = rnn(x, initial_state=initial_state, lengths=lengths,
-                             deterministic=deterministic)
+        rnn = recurrent_layer(
+            self.cell, self.hidden_size, self.num_layers, False, self.dropout, name="rnn"
+        )
+        outputs, final = rnn(
+            x, initial_state=initial_state, lengths=lengths, deterministic=deterministic
+        )
         outputs = nn.Dropout(self.dropout)(outputs, deterministic=deterministic)
         return nn.Dense(self.vocab_size, name="head")(outputs), final
 
@@ -298,8 +311,9 @@ def sample_logits(
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps", "top_k"))
-def _generate(model, variables, prompt, prompt_lengths, key, temperature, num_steps, top_k,
-              suppress):
+def _generate(
+    model, variables, prompt, prompt_lengths, key, temperature, num_steps, top_k, suppress
+):
     logits, state = model.apply(variables, prompt, lengths=prompt_lengths)
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
 
@@ -345,11 +359,18 @@ def generate(
         raise ValueError(f"top_k: expected 1..{model.vocab_size} or None, got {top_k!r}")
     if prompt_lengths is None:
         prompt_lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
-    suppress = jnp.zeros(model.vocab_size, bool).at[jnp.asarray(suppress_ids, jnp.int32)].set(
-        True
+    suppress = jnp.zeros(model.vocab_size, bool).at[jnp.asarray(suppress_ids, jnp.int32)].set(True)
+    return _generate(
+        model,
+        variables,
+        prompt,
+        jnp.asarray(prompt_lengths, jnp.int32),
+        key,
+        jnp.asarray(temperature, jnp.float32),
+        num_steps,
+        top_k,
+        suppress,
     )
-    return _generate(model, variables, prompt, jnp.asarray(prompt_lengths, jnp.int32), key,
-                     jnp.asarray(temperature, jnp.float32), num_steps, top_k, suppress)
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,7 +409,11 @@ class Tagger(nn.Module):
         x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         rnn = recurrent_layer(
-            self.cell, self.hidden_size, self.num_layers, self.bidirectional, self.dropout,
+            self.cell,
+            self.hidden_size,
+            self.num_layers,
+            self.bidirectional,
+            self.dropout,
             name="rnn",
         )
         outputs, _ = rnn(x, lengths=lengths, deterministic=deterministic)
@@ -499,8 +524,10 @@ def decoder_step(
         context, weights = attend(params["attention"], x, memory)
     if spec.attention is not None:
         features.append(context)
-    o = jnp.tanh(jnp.concatenate(features, axis=-1) @ params["combine"]["kernel"]
-                 + params["combine"]["bias"][None, :])
+    o = jnp.tanh(
+        jnp.concatenate(features, axis=-1) @ params["combine"]["kernel"]
+        + params["combine"]["bias"][None, :]
+    )
     logits = o @ params["out"]["kernel"] + params["out"]["bias"][None, :]
     return (tuple(new_states), o), logits, weights
 
@@ -575,12 +602,16 @@ class Seq2Seq(nn.Module):
         cells = []
         for layer in range(self.decoder_layers):
             in_size = e + extra if layer == 0 else h
-            cells.append({
-                "weight_ih": self.param(f"dec_l{layer}_weight_ih", _uniform(bound), (gates, in_size)),
-                "weight_hh": self.param(f"dec_l{layer}_weight_hh", _uniform(bound), (gates, h)),
-                "bias_ih": self.param(f"dec_l{layer}_bias_ih", _uniform(bound), (gates,)),
-                "bias_hh": self.param(f"dec_l{layer}_bias_hh", _uniform(bound), (gates,)),
-            })
+            cells.append(
+                {
+                    "weight_ih": self.param(
+                        f"dec_l{layer}_weight_ih", _uniform(bound), (gates, in_size)
+                    ),
+                    "weight_hh": self.param(f"dec_l{layer}_weight_hh", _uniform(bound), (gates, h)),
+                    "bias_ih": self.param(f"dec_l{layer}_bias_ih", _uniform(bound), (gates,)),
+                    "bias_hh": self.param(f"dec_l{layer}_bias_hh", _uniform(bound), (gates,)),
+                }
+            )
         lecun = nn.initializers.lecun_normal()
         zeros = nn.initializers.zeros
         combine_in = h + (m if self.attention else 0)
@@ -718,16 +749,25 @@ def greedy_decode(
     _check_decode_args(model, src, src_lengths, max_len)
     if src_lengths is None:
         src_lengths = jnp.full((np.shape(src)[0],), np.shape(src)[1], jnp.int32)
-    return _greedy(model, variables, jnp.asarray(src), jnp.asarray(src_lengths), max_len,
-                   bos_id, eos_id, pad_id)
+    return _greedy(
+        model,
+        variables,
+        jnp.asarray(src),
+        jnp.asarray(src_lengths),
+        max_len,
+        bos_id,
+        eos_id,
+        pad_id,
+    )
 
 
 _NEG = -1e9  # score of a dead beam: far below any real log-probability, yet finite
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len"))
-def _beam(model, variables, src, src_lengths, beam_size, max_len, bos_id, eos_id, pad_id,
-          length_penalty):
+def _beam(
+    model, variables, src, src_lengths, beam_size, max_len, bos_id, eos_id, pad_id, length_penalty
+):
     memory, carry, params = _encode(model, variables, src, src_lengths)
     batch, k = src.shape[0], beam_size
     vocab = model.tgt_vocab_size
@@ -762,7 +802,11 @@ def _beam(model, variables, src, src_lengths, beam_size, max_len, bos_id, eos_id
     norm = ((5.0 + lengths) / 6.0) ** length_penalty  # GNMT length normalisation
     rank = scores / norm + jnp.where(done, 0.0, _NEG)  # finished hypotheses first
     best = jnp.argmax(rank, axis=1)
-    pick = lambda a: jnp.take_along_axis(a, best[:, None] if a.ndim == 2 else best[:, None, None], axis=1)[:, 0]  # noqa: E731,E501
+
+    def pick(a):
+        idx = best[:, None] if a.ndim == 2 else best[:, None, None]
+        return jnp.take_along_axis(a, idx, axis=1)[:, 0]
+
     return pick(toks), pick(scores)
 
 
@@ -796,5 +840,15 @@ def beam_search(
         )
     if src_lengths is None:
         src_lengths = jnp.full((np.shape(src)[0],), np.shape(src)[1], jnp.int32)
-    return _beam(model, variables, jnp.asarray(src), jnp.asarray(src_lengths), beam_size,
-                 max_len, bos_id, eos_id, pad_id, jnp.asarray(length_penalty, jnp.float32))
+    return _beam(
+        model,
+        variables,
+        jnp.asarray(src),
+        jnp.asarray(src_lengths),
+        beam_size,
+        max_len,
+        bos_id,
+        eos_id,
+        pad_id,
+        jnp.asarray(length_penalty, jnp.float32),
+    )

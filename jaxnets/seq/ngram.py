@@ -129,9 +129,7 @@ def _check_stream(stream, vocab_size: int, name: str) -> np.ndarray:
     return stream.astype(np.int64)
 
 
-def fit_kneser_ney(
-    stream: np.ndarray, order: int, vocab_size: int, pad_id: int = 0
-) -> KneserNeyLM:
+def fit_kneser_ney(stream: np.ndarray, order: int, vocab_size: int, pad_id: int = 0) -> KneserNeyLM:
     """Count a training id stream ``(N,)`` into a modified Kneser-Ney model.
 
     The stream is left-padded with ``order - 1`` copies of ``pad_id`` so the first
@@ -140,7 +138,7 @@ def fit_kneser_ney(
     """
     if not isinstance(order, int | np.integer) or order < 1:
         raise ValueError(f"order: expected a positive int, got {order!r}")
-    if vocab_size ** order >= 2**62:
+    if vocab_size**order >= 2**62:
         raise ValueError(
             f"order: {order}-grams over {vocab_size} symbols overflow int64 keys; "
             "use a smaller order or vocabulary"

@@ -56,8 +56,9 @@ def classification_arrays(
 
     An empty text becomes one UNK symbol, so every length is at least 1.
     """
-    x, lengths = vocab.encode_batch([t if t else vocab.symbols[vocab.unk_id] for t in texts],
-                                    max_len=max_len)
+    x, lengths = vocab.encode_batch(
+        [t if t else vocab.symbols[vocab.unk_id] for t in texts], max_len=max_len
+    )
     return {"x": x, "lengths": np.maximum(lengths, 1), "y": np.asarray(labels, np.int32)}
 
 
@@ -88,8 +89,9 @@ def seq2seq_arrays(
     """
     src, src_lengths = src_vocab.encode_batch([s for s, _ in pairs], max_len=max_src)
     tgt_full = [tgt_vocab.encode(t) for _, t in pairs]
-    too_long = [i for i, (s, t) in enumerate(pairs)
-                if len(tgt_full[i]) + 1 > max_tgt or len(s) > max_src]
+    too_long = [
+        i for i, (s, t) in enumerate(pairs) if len(tgt_full[i]) + 1 > max_tgt or len(s) > max_src
+    ]
     if too_long:
         i = too_long[0]
         raise ValueError(
@@ -106,8 +108,13 @@ def seq2seq_arrays(
         y[i, : len(t)] = t
         y[i, len(t)] = tgt_vocab.eos_id
         lengths[i] = len(t) + 1
-    return {"src": src, "src_lengths": np.maximum(src_lengths, 1), "x": x, "y": y,
-            "lengths": lengths}
+    return {
+        "src": src,
+        "src_lengths": np.maximum(src_lengths, 1),
+        "x": x,
+        "y": y,
+        "lengths": lengths,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,8 +186,7 @@ class BucketBatches:
         bounds = sorted(bounds)
         if longest.max() > bounds[-1]:
             raise ValueError(
-                f"bounds: the longest example ({longest.max()}) exceeds the last bound "
-                f"{bounds[-1]}"
+                f"bounds: the longest example ({longest.max()}) exceeds the last bound {bounds[-1]}"
             )
         self.bucket_of = np.searchsorted(bounds, longest)  # first bound >= length
         self.bounds = bounds
@@ -209,8 +215,9 @@ class BucketBatches:
         epoch, i = divmod(int(step), self.steps_per_epoch)
         bucket, idx = self._plan(epoch)[i]
         w = self.bounds[bucket]
-        return {k: (v[idx][:, :w] if k in self.width_keys else v[idx])
-                for k, v in self.data.items()}
+        return {
+            k: (v[idx][:, :w] if k in self.width_keys else v[idx]) for k, v in self.data.items()
+        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -312,8 +319,10 @@ def _batched(data: dict[str, np.ndarray], batch_size: int):
 def predict_classes(model, variables, data: dict[str, np.ndarray], batch_size: int = 256):
     """Argmax class of every example, ``(N,)`` int."""
     fn = jax.jit(lambda v, x, n: jnp.argmax(model.apply(v, x, n), -1))
-    out = [np.asarray(fn(variables, b["x"], b["lengths"]))[:k]
-           for _, k, b in _batched(data, batch_size)]
+    out = [
+        np.asarray(fn(variables, b["x"], b["lengths"]))[:k]
+        for _, k, b in _batched(data, batch_size)
+    ]
     return np.concatenate(out)
 
 
@@ -345,8 +354,9 @@ def decode_dataset(
     data = {"src": src, "src_lengths": src_lengths}
     for _, k, b in _batched(data, batch_size):
         if beam_size > 1:
-            toks, _ = M.beam_search(model, variables, b["src"], b["src_lengths"], max_len,
-                                    beam_size)
+            toks, _ = M.beam_search(
+                model, variables, b["src"], b["src_lengths"], max_len, beam_size
+            )
         else:
             toks, w = M.greedy_decode(model, variables, b["src"], b["src_lengths"], max_len)
             if model.attention:

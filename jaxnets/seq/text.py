@@ -127,7 +127,9 @@ class Vocab:
             counts.update(_symbols_of(seq))
         for s in SPECIALS:
             counts.pop(s, None)
-        kept = sorted((s for s, c in counts.items() if c >= min_count), key=lambda s: (-counts[s], s))
+        kept = sorted(
+            (s for s, c in counts.items() if c >= min_count), key=lambda s: (-counts[s], s)
+        )
         if max_size is not None:
             if max_size < len(SPECIALS) + 1:
                 raise ValueError(f"max_size: expected at least {len(SPECIALS) + 1}, got {max_size}")
@@ -353,8 +355,7 @@ def load_fortunes(
             )
         if name not in FORTUNE_COLLECTIONS:
             raise ValueError(
-                f"collections: unknown collection {name!r}; expected some of "
-                f"{FORTUNE_COLLECTIONS}"
+                f"collections: unknown collection {name!r}; expected some of {FORTUNE_COLLECTIONS}"
             )
     root = fortune_dir() if root is None else Path(root)
     missing = [n for n in collections if not (root / n).is_file()]
@@ -375,7 +376,7 @@ def fortune_classification(
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     root: str | Path | None = None,
 ) -> tuple[dict[str, tuple[list[str], np.ndarray]], tuple[str, ...]]:
-    """"Which collection is this entry from?" as a labelled data set.
+    """ "Which collection is this entry from?" as a labelled data set.
 
     Returns ``(splits, class_names)`` with ``splits[name] = (texts, labels)`` for
     ``name`` in train/validation/test; ``labels`` are int32 indices into
