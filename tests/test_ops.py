@@ -5,6 +5,7 @@ benchmark's smoke mode."""
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -277,3 +278,33 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     torch_installed = "torch" in result["meta"]
     assert (result["rnn"]["torch"] is not None) == torch_installed
     assert result["details"]["rnn"]["jaxnets"]["n"] == 2
+
+
+def test_bench_hugepages_environment():
+    """--hugepages adds glibc's huge-page tunable, keeps the others, and is a no-op when
+    it is already set (no restart loop)."""
+    from experiments.bench.__main__ import hugepages_env, main
+
+    assert hugepages_env({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    env = hugepages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=1"
+    assert hugepages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=2"}) is None
+    if sys.platform.startswith("linux") and hugepages_env(dict(os.environ)) is not None:
+        with pytest.raises(ValueError, match="command line only"):
+            main(["--quick", "--hugepages"])  # would replace this interpreter
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
+def test_bench_hugepages_restarts_with_the_setting(tmp_path):
+    """`--hugepages` re-executes the command with the tunable set, from any directory."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.bench", "--quick", "--only", "rnn", "--hugepages",
+         "--rounds", "1", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads(out.read_text())["meta"]
+    assert "glibc.malloc.hugetlb=1" in meta["glibc_tunables"]
+    assert meta["options"]["hugepages"] is True

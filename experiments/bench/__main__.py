@@ -13,7 +13,9 @@ Options: ``--quick`` (tiny shapes, 2 rounds: a smoke test, the numbers mean noth
 ``--only lstm,gru`` (a subset of lstm, gru, rnn, vgg, resnet20, jacobians, memory),
 ``--rounds N``, ``--threads N`` (XLA and PyTorch intra-op threads; set before JAX starts),
 ``--clock cpu`` (process CPU time instead of wall time; steadier on a loaded machine,
-meaningful with ``--threads 1``), ``--out PATH``.
+meaningful with ``--threads 1``), ``--hugepages`` (restart with glibc's malloc on
+transparent huge pages, for every framework alike: fewer page faults, steadier times),
+``--out PATH``.
 
 PyTorch is optional: without it the torch column says "not installed" (``pip install
 torch==2.13.0`` gets the CPU build where it is available; ``make bench`` tries that).
@@ -47,6 +49,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 15 RNN, 7 CNN)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all cores)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    p.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (Linux/glibc; all frameworks)",
+    )
     p.add_argument("--out", default="bench-results.json", help="where to write the JSON")
     args = p.parse_args(argv)
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -74,6 +81,19 @@ def set_threads(n: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
+HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def hugepages_env(environ: dict[str, str]) -> dict[str, str] | None:
+    """The environment to restart with for ``--hugepages``, or None when ``environ``
+    already asks glibc for huge pages. glibc reads ``GLIBC_TUNABLES`` only at process
+    start, so the setting cannot be applied in place; other tunables are kept."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb=" in tunables:
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGETLB) if t)}
+
+
 def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
@@ -93,6 +113,7 @@ def machine() -> dict:
         "devices": [str(d) for d in jax.devices()],
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     try:
         with open("/proc/cpuinfo") as f:
@@ -168,6 +189,20 @@ def table(details: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    if args.hugepages:
+        env = hugepages_env(dict(os.environ))
+        if env is not None and not sys.platform.startswith("linux"):
+            print("--hugepages: a glibc (Linux) setting; running without it", flush=True)
+        elif env is not None and argv is not None:
+            raise ValueError(
+                "--hugepages restarts the process, so it works from the command line only; "
+                "from Python, set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 before starting it"
+            )
+        elif env is not None:  # restart this command with the setting (same arguments)
+            root = str(Path(__file__).resolve().parents[2])
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+            cmd = [sys.executable, "-m", "experiments.bench", *sys.argv[1:]]
+            os.execve(sys.executable, cmd, env)
     set_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere
 
