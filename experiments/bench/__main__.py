@@ -14,8 +14,8 @@ Options: ``--quick`` (tiny shapes, 2 rounds: a smoke test, the numbers mean noth
 ``--rounds N``, ``--threads N`` (XLA and PyTorch intra-op threads; set before JAX starts),
 ``--clock cpu`` (process CPU time instead of wall time; steadier on a loaded machine,
 meaningful with ``--threads 1``), ``--hugepages`` (restart with glibc's malloc on
-transparent huge pages, for every framework alike: fewer page faults, steadier times),
-``--out PATH``.
+transparent huge pages, for every framework alike: fewer page faults; on the 2-core
+development machine it sped PyTorch up more than jaxnets), ``--out PATH``.
 
 PyTorch is optional: without it the torch column says "not installed" (``pip install
 torch==2.13.0`` gets the CPU build where it is available; ``make bench`` tries that).
