@@ -82,10 +82,7 @@ def load(cfg: Config) -> data.Dataset:
         if cfg.dataset == "mnist1d"
         else data.load_digits(size=16, seed=cfg.seed)
     )
-    if cfg.train_examples:
-        n = cfg.train_examples
-        ds = dataclasses.replace(ds, x_train=ds.x_train[:n], y_train=ds.y_train[:n])
-    return ds
+    return ds.take_train(cfg.train_examples, arg="train_examples") if cfg.train_examples else ds
 
 
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:

@@ -155,14 +155,8 @@ def accuracy_gap(small: list[float], large: list[float]) -> dict:
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     stacks = measure_stacks(cfg)
     ds = data.load_digits(size=cfg.image_size, seed=cfg.seed)
-    if not 0 <= cfg.train_examples <= len(ds.y_train):
-        raise ValueError(
-            f"receptive_field: train_examples must be in [0, {len(ds.y_train)}], "
-            f"got {cfg.train_examples}"
-        )
     if cfg.train_examples:  # fewer labels: a task that is not saturated at ~99%
-        n = cfg.train_examples
-        ds = dataclasses.replace(ds, x_train=ds.x_train[:n], y_train=ds.y_train[:n])
+        ds = ds.take_train(cfg.train_examples, arg="train_examples")
     batch_fn = data.Batches(ds.train, cfg.batch_size, seed=cfg.seed)
     tx = train.make_optimizer(cfg.optimizer, cfg.lr, total_steps=cfg.steps, schedule="cosine")
 

@@ -33,6 +33,20 @@ def test_dataset_rejects_mismatched_lengths():
         D.Dataset(np.zeros(3), np.zeros(2), np.zeros(1), np.zeros(1), num_classes=2)
 
 
+def test_take_train_keeps_the_first_examples_test_split_and_info():
+    x, y = np.arange(10.0).reshape(5, 2), np.array([0, 1, 0, 1, 1])
+    ds = D.Dataset(x, y, x[:2], y[:2], num_classes=2, name="toy", info={"k": 1})
+    sub = ds.take_train(3)
+    np.testing.assert_array_equal(sub.x_train, x[:3])
+    np.testing.assert_array_equal(sub.y_train, y[:3])
+    assert sub.x_test is ds.x_test and sub.y_test is ds.y_test
+    assert (sub.name, sub.info, sub.num_classes) == ("toy", {"k": 1}, 2)
+    assert len(ds.take_train(5).y_train) == 5
+    for bad in (0, 6, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"'toy': m must be in \[1, 5\].*got"):
+            ds.take_train(bad, arg="m")
+
+
 def test_train_test_split_stratified_keeps_class_proportions_and_every_example():
     y = np.repeat(np.arange(4), [10, 20, 30, 40]).astype(np.int32)
     x = np.arange(100)

@@ -34,3 +34,12 @@ def test_data_options():
     assert digits.x_train.shape == (100, 16, 16, 1) and digits.num_classes == 10
     mnist1d = load(Config())
     assert mnist1d.x_train.shape == (4000, 40, 1) and mnist1d.x_test.shape == (1000, 40, 1)
+
+
+def test_train_examples_beyond_the_training_set_is_a_clear_error(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match=r"train_examples must be in \[1, 4000\].*got 5000"):
+        runs.run_experiment(
+            "degradation", {"train_examples": 5000}, tmp_path / "r", quick=True, progress=False
+        )

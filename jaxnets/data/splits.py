@@ -55,6 +55,17 @@ class Dataset:
     def test(self) -> dict[str, np.ndarray]:
         return {"x": self.x_test, "y": self.y_test}
 
+    def take_train(self, n: int, *, arg: str = "n") -> Dataset:
+        """The same data set with only the first ``n`` training examples (test split, name
+        and info unchanged). ``arg`` names ``n`` in the error for an out-of-range value."""
+        size = len(self.y_train)
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 0 < n <= size:
+            raise ValueError(
+                f"Dataset {self.name!r}: {arg} must be in [1, {size}] (the training examples), "
+                f"got {n!r}"
+            )
+        return dataclasses.replace(self, x_train=self.x_train[:n], y_train=self.y_train[:n])
+
     def __repr__(self) -> str:
         return (
             f"Dataset(name={self.name!r}, x_train={self.x_train.shape} {self.x_train.dtype}, "
