@@ -156,13 +156,11 @@ def _plots(results: dict, run_dir: runs.RunDir, cfg: Config) -> None:
     longest = max(len(results[n]["grad_norms_at_init"]) for n in names)
     xs = np.arange(longest)
     ys = {}
-    for n in names:  # shorter nets end early (NaN padding is not drawn)
-        g = np.array(results[n]["grad_norms_at_init"])
-        ys[n] = np.concatenate([g, np.full(longest - len(g), np.nan)])
-    for n in names:
-        g = results[n].get("grad_norms_at_init_no_bn")
-        if g is not None:
-            ys[f"{n} no BN"] = np.concatenate([np.array(g), np.full(longest - len(g), np.nan)])
+    for key, suffix in (("grad_norms_at_init", ""), ("grad_norms_at_init_no_bn", " no BN")):
+        for n in names:  # shorter nets end early (NaN padding is not drawn)
+            if key in results[n]:  # runs made before the no-BN probe lack it
+                g = results[n][key]
+                ys[n + suffix] = np.concatenate([g, np.full(longest - len(g), np.nan)])
     plots.lines(
         xs + 1, ys, run_dir.plot_path("grad_norms"), xlabel="conv layer (1 = stem)",
         ylabel="||dL/dW|| at init", logy=True,

@@ -36,6 +36,7 @@ ALL = ("lstm", "gru", "rnn", "vgg", "resnet20", "jacobians", "memory")
 RNN_WORKLOADS = ("lstm", "gru", "rnn")
 CNN_WORKLOADS = ("vgg", "resnet20")
 REFERENCES = ("torch", "flax")
+ROOT = str(Path(__file__).resolve().parents[2])  # the repository: run from anywhere
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -199,12 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "from Python, set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 before starting it"
             )
         elif env is not None:  # restart this command with the setting (same arguments)
-            root = str(Path(__file__).resolve().parents[2])
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
             cmd = [sys.executable, "-m", "experiments.bench", *sys.argv[1:]]
             os.execve(sys.executable, cmd, env)
     set_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere
+    sys.path.insert(0, ROOT)
 
     results: dict = {"meta": machine(), "details": {}}
     results["meta"]["options"] = {k: v for k, v in vars(args).items()}
