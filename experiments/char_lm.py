@@ -57,6 +57,7 @@ class Config:
     batch_size: int = 64
     steps: int = 6500
     lr: float = 2e-3
+    weight_decay: float = 0.0  # > 0: AdamW's decoupled decay instead of Adam
     max_order: int = 6
     max_train_chars: int | None = None  # use only the first N characters of training
     max_eval_chars: int | None = None  # score only the first N characters of val/test
@@ -131,8 +132,9 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
 
     def fit(sub: runs.RunDir) -> dict:
         tx = train.make_optimizer(
-            "adam",
+            "adamw" if cfg.weight_decay else "adam",
             cfg.lr,
+            weight_decay=cfg.weight_decay,
             clip_norm=1.0,
             schedule="cosine",
             total_steps=cfg.steps,

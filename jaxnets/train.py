@@ -302,6 +302,10 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """An optax optimizer: optional global-norm clipping first, then adam/adamw/sgd.
 
+    ``weight_decay``: for "adamw" the decoupled decay of ``optax.adamw``; for "adam" and
+    "sgd" an L2 term ``weight_decay * param`` added to the gradient before the update, as
+    ``torch.optim.Adam`` / ``SGD`` do with their ``weight_decay``.
+
     ``schedule``: "constant" or "cosine" (needs ``total_steps``), with ``warmup_steps`` of
     linear warm-up; or pass an optax schedule as ``learning_rate``.
     """
@@ -332,7 +336,9 @@ def make_optimizer(
         opt = optax.sgd(lr, momentum=momentum or None)
     else:
         raise ValueError(f"make_optimizer: name must be adam, adamw or sgd, got {name!r}")
-    if weight_decay and name == "sgd":
+    if weight_decay < 0:
+        raise ValueError(f"make_optimizer: weight_decay must be >= 0, got {weight_decay!r}")
+    if weight_decay and name in ("adam", "sgd"):
         opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
     if clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)

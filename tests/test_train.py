@@ -93,6 +93,33 @@ def test_clip_by_global_norm_bounds_the_update():
     np.testing.assert_allclose(m["update_norm"], 1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_weight_decay_first_step_matches_the_closed_form(name):
+    """Step 1 by hand: Adam's first update is -lr * g/(|g| + eps) (bias-corrected moments);
+    "adam" and "sgd" add wd * p to g first (L2, as torch's optimizers do), "adamw" subtracts
+    lr * wd * p after (decoupled). The numbers make L2 flip the first gradient's sign, so an
+    ignored weight decay fails."""
+    lr, wd = 0.1, 0.1
+    p = {"w": jnp.array([1.0, -2.0])}
+    g = {"w": jnp.array([-0.05, 0.3])}
+    tx = train.make_optimizer(name, lr, weight_decay=wd, momentum=0.0)
+    updates, _ = tx.update(g, tx.init(p), p)
+    g_np, p_np = np.array([-0.05, 0.3]), np.array([1.0, -2.0])
+    if name == "sgd":
+        want = -lr * (g_np + wd * p_np)
+    elif name == "adam":
+        l2 = g_np + wd * p_np
+        want = -lr * l2 / (np.abs(l2) + 1e-8)
+    else:
+        want = -lr * (g_np / (np.abs(g_np) + 1e-8) + wd * p_np)
+    np.testing.assert_allclose(updates["w"], want, rtol=1e-5)
+
+
+def test_negative_weight_decay_is_refused():
+    with pytest.raises(ValueError, match="weight_decay must be >= 0, got -0.1"):
+        train.make_optimizer("adamw", 1e-3, weight_decay=-0.1)
+
+
 def test_overfit_one_batch():
     batch = _toy(n=16, classes=4)
     model = MLP(classes=4)
