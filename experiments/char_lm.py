@@ -56,6 +56,7 @@ class Config:
     hidden: int = 512
     layers: int = 2
     dropout: float = 0.3
+    variational_dropout: bool = False  # one dropout mask per window, shared over time
     seq_len: int = 128
     batch_size: int = 64
     steps: int = 6500
@@ -131,6 +132,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         cell=cfg.cell,
         num_layers=cfg.layers,
         dropout=cfg.dropout,
+        variational_dropout=cfg.variational_dropout,
     )
 
     def fit(sub: runs.RunDir) -> dict:

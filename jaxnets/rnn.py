@@ -300,6 +300,16 @@ def _is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
+def time_dropout(
+    rate: float, variational: bool, x: Float[Array, "batch time features"], deterministic: bool
+) -> Float[Array, "batch time features"]:
+    """Dropout on a batch-first sequence: a fresh mask per element, or with ``variational``
+    one mask per (sequence, feature) shared by every time step (call inside a module)."""
+    return nn.Dropout(rate, broadcast_dims=(1,) if variational else ())(
+        x, deterministic=deterministic
+    )
+
+
 class _Recurrent(nn.Module):
     """Shared implementation of ``RNN``, ``LSTM`` and ``GRU`` (see the module docstring).
 
@@ -315,6 +325,9 @@ class _Recurrent(nn.Module):
     - ``remat_chunk``: k > 0 keeps only every k-th carry for the backward pass and
       recomputes the steps in between (memory O(T/k + k) steps instead of O(T)); same values
       and gradients.
+    - ``variational_dropout``: the dropout between layers draws one mask per sequence and
+      feature and applies it at every time step (Gal & Ghahramani, 2016; what Keras's RNN
+      ``dropout`` does) instead of PyTorch's fresh mask per step.
     """
 
     hidden_size: int
@@ -325,6 +338,7 @@ class _Recurrent(nn.Module):
     param_dtype: Any = jnp.float32
     impl: str = "fused"
     remat_chunk: int = 0
+    variational_dropout: bool = False
 
     mode = "RNN"  # class-level: which cell
     nonlinearity = "tanh"
@@ -503,7 +517,9 @@ class _Recurrent(nn.Module):
                 all_states.append(res.carries)
             layer_out = outs[0] if dirs == 1 else jnp.concatenate(outs, axis=-1)
             if k < self.num_layers - 1 and self.dropout > 0:
-                layer_out = nn.Dropout(self.dropout)(layer_out, deterministic=deterministic)
+                layer_out = time_dropout(
+                    self.dropout, self.variational_dropout, layer_out, deterministic
+                )
             layer_in = layer_out
         outputs = layer_in
         if self.mode == "LSTM":

@@ -287,6 +287,34 @@ def test_dropout_between_layers_only(key):
     np.testing.assert_array_equal(b, c)  # same key, same mask
 
 
+def _dropout_outputs(tree):
+    """Every captured ``Dropout`` output in a ``capture_intermediates`` tree."""
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if any("Dropout" in str(getattr(k, "key", "")) for k in path):
+            found.append(np.asarray(leaf))
+    return found
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_variational_dropout_shares_one_mask_across_time(key, variational):
+    """The zeros the dropout between layers leaves in the layer-1 outputs (which are never
+    exactly 0 themselves): with ``variational_dropout`` the same features of a sequence at
+    every time step; without it, a different set per step."""
+    x = jax.random.normal(key, (6, 12, 3))
+    layer = LSTM(16, num_layers=2, dropout=0.5, variational_dropout=variational)
+    v = layer.init(key, x)
+    _, state = layer.apply(
+        v, x, deterministic=False, rngs={"dropout": jax.random.key(5)},
+        capture_intermediates=True, mutable=["intermediates"],
+    )  # fmt: skip
+    (out,) = _dropout_outputs(state["intermediates"])
+    dropped = out == 0.0
+    assert out.shape == (6, 12, 16) and 0.3 < dropped.mean() < 0.7
+    same_every_step = (dropped == dropped[:, :1]).all()
+    assert same_every_step == variational
+
+
 def test_jitted_forward_does_not_retrace(key):
     layer = LSTM(8, num_layers=2)
     x = jax.random.normal(key, (4, 10, 3))

@@ -104,6 +104,30 @@ def _lm():
     return m, v, jax.jit(m.apply)
 
 
+def test_language_model_variational_dropout_masks_are_constant_in_time(key):
+    """All three dropouts (embeddings, between layers, before the head) draw one mask per
+    sequence with ``variational_dropout``; the zeros they leave line up over time."""
+    tokens = jax.random.randint(key, (5, 9), 0, V)
+    m = S.LanguageModel(
+        V, embed_dim=8, hidden_size=16, num_layers=2, dropout=0.4, variational_dropout=True
+    )
+    v = m.init(key, tokens)
+    _, state = m.apply(
+        v, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)},
+        capture_intermediates=True, mutable=["intermediates"],
+    )  # fmt: skip
+    outs = [
+        np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+        if any("Dropout" in str(getattr(k, "key", "")) for k in path)
+    ]
+    assert sorted(o.shape for o in outs) == [(5, 9, 8), (5, 9, 16), (5, 9, 16)]
+    for o in outs:
+        dropped = o == 0.0
+        assert 0.1 < dropped.mean() < 0.7
+        assert (dropped == dropped[:, :1]).all()
+
+
 def test_language_model_is_causal_and_stateful(key):
     m, v, apply = _lm()
     x = _tokens(key, 2, 8)

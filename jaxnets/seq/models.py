@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxnets.rnn import GRU, LSTM, RNN, gru_step, lstm_step, rnn_step
+from jaxnets.rnn import GRU, LSTM, RNN, gru_step, lstm_step, rnn_step, time_dropout
 
 __all__ = [
     "CELLS",
@@ -114,6 +114,7 @@ def recurrent_layer(
     bidirectional: bool = False,
     dropout: float = 0.0,
     name: str | None = None,
+    variational_dropout: bool = False,
 ) -> nn.Module:
     """The ``jaxnets.rnn`` layer named by ``cell`` ("rnn" = tanh Elman, "lstm", "gru")."""
     _check_cell(cell)
@@ -122,6 +123,7 @@ def recurrent_layer(
         num_layers=num_layers,
         bidirectional=bidirectional,
         dropout=dropout,
+        variational_dropout=variational_dropout,
         name=name,
     )
 
@@ -247,6 +249,10 @@ class LanguageModel(nn.Module):
     ``(batch, time)`` ids -> ``((batch, time, vocab) logits, final_state)``; pass the
     final state back as ``initial_state`` to continue a stream (truncated BPTT, or
     generation one step at a time). Unidirectional only: see ``bidirectional``.
+
+    ``dropout`` acts on the embeddings, between recurrent layers and before the head; with
+    ``variational_dropout`` each of those masks is drawn once per sequence and shared by
+    every time step (Gal & Ghahramani, 2016).
     """
 
     vocab_size: int
@@ -256,6 +262,7 @@ class LanguageModel(nn.Module):
     num_layers: int = 1
     dropout: float = 0.0
     bidirectional: bool = False  # only here to be refused with an explanation
+    variational_dropout: bool = False
 
     def __post_init__(self):
         _check_cell(self.cell)
@@ -279,14 +286,15 @@ class LanguageModel(nn.Module):
     ) -> tuple[Float[Array, "batch time vocab"], Any]:
         _check_tokens(tokens, lengths)
         x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
-        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        var = self.variational_dropout
+        x = time_dropout(self.dropout, var, x, deterministic)
         rnn = recurrent_layer(
-            self.cell, self.hidden_size, self.num_layers, False, self.dropout, name="rnn"
+            self.cell, self.hidden_size, self.num_layers, False, self.dropout, "rnn", var
         )
         outputs, final = rnn(
             x, initial_state=initial_state, lengths=lengths, deterministic=deterministic
         )
-        outputs = nn.Dropout(self.dropout)(outputs, deterministic=deterministic)
+        outputs = time_dropout(self.dropout, var, outputs, deterministic)
         return nn.Dense(self.vocab_size, name="head")(outputs), final
 
 
