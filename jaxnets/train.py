@@ -309,6 +309,8 @@ def make_optimizer(
     ``schedule``: "constant" or "cosine" (needs ``total_steps``), with ``warmup_steps`` of
     linear warm-up; or pass an optax schedule as ``learning_rate``.
     """
+    if weight_decay < 0:
+        raise ValueError(f"make_optimizer: weight_decay must be >= 0, got {weight_decay!r}")
     lr = learning_rate
     if not callable(lr):
         if schedule == "cosine":
@@ -336,8 +338,6 @@ def make_optimizer(
         opt = optax.sgd(lr, momentum=momentum or None)
     else:
         raise ValueError(f"make_optimizer: name must be adam, adamw or sgd, got {name!r}")
-    if weight_decay < 0:
-        raise ValueError(f"make_optimizer: weight_decay must be >= 0, got {weight_decay!r}")
     if weight_decay and name in ("adam", "sgd"):
         opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
     if clip_norm is not None:
