@@ -36,9 +36,9 @@ class Config:
     Command line: ``python -m experiments.char_lm [--layers 2] [--steps 8000]``
     Runtime: the full config (2 layers of 512, dropout 0.3, AdamW weight decay 0.1, 8000
     steps of 64 x 128) trained in 179 min wall / 337 min CPU (1.34 s a step) on 2 quiet
-    cores with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (1.27 s a step without it, the
-    same machine); an earlier 2-core machine ran the same step in 0.63 s (6500 steps in
-    68 min), so expect 1.5-3 hours. The n-gram part takes seconds; ``--quick``: under a
+    cores with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (a short check on the same
+    machine: 1.27 s a step with it, 1.67 s without); an earlier 2-core machine ran the
+    same step in 0.63 s (6500 steps in 68 min), so expect 1.5-3 hours. The n-gram part takes seconds; ``--quick``: under a
     minute; tour (1 layer of 128): about 20 s.
     Measured (seed 0): Kneser-Ney 6-gram 2.197 bits/char on test; the LSTM **1.970, 10.3%
     lower** (validation 1.921 vs the 6-gram's 2.149): the target, 10% lower (<= 1.977),
