@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import bptt, data, plots, runs, train
+from jaxnets import data, plots, runs, train
+from jaxnets.models.readout import RecurrentReadout
 
 TOUR_ORDER = 61
 BASELINE_MSE = 1.0 / 6.0
@@ -140,7 +141,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         test = {"x": x_test, "y": y_test}
         results[f"T{T}"] = {}
         for cell in cfg.cells:
-            model = bptt.RecurrentReadout(cell, cfg.hidden, tbptt=tbptt)
+            model = RecurrentReadout(cell, cfg.hidden, tbptt=tbptt)
 
             def one(sub, model=model, T=T, test=test):
                 trainer = train.Trainer(model, train.mse_loss, tx)
@@ -171,7 +172,7 @@ def _copy_task(cfg: Config, run_dir: runs.RunDir, tx, tbptt) -> dict:
     test = one_hot_copy(cfg.n_test, delay, (cfg.seed, 1), S)
     out = {}
     for cell in cfg.cells:
-        model = bptt.RecurrentReadout(cell, cfg.hidden, out=10, every_step=True, tbptt=tbptt)
+        model = RecurrentReadout(cell, cfg.hidden, out=10, every_step=True, tbptt=tbptt)
 
         def one(sub, model=model):
             trainer = train.Trainer(model, copy_loss(S), tx)

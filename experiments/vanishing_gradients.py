@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnets import bptt, data, plots, runs, train
+from jaxnets.models.readout import RecurrentReadout, readout_parts
 
 TOUR_ORDER = 60
 CELL_NAMES = ("rnn", "lstm", "gru")
@@ -94,7 +95,7 @@ def readout_mse(outputs, final_state, kernel, bias, y):
 
 def _curves(model, params, x, y) -> dict:
     """||dL/ds_k|| (mean over the batch) against lag, and its fitted log-slope."""
-    layer, lv, _ = bptt.readout_parts(model, params)
+    layer, lv, _ = readout_parts(model, params)
     head = params["head"]
     sg = bptt.state_gradients(
         layer, lv, x, readout_mse, loss_args=(head["kernel"], head["bias"], y)
@@ -106,7 +107,7 @@ def _curves(model, params, x, y) -> dict:
 def _jacobian_svals(model, params, x) -> np.ndarray:
     """Singular values of every J_t of example 0: (T, N) (the whole batch's Jacobians: the
     same compiled function as the sigma sweep's)."""
-    layer, lv, _ = bptt.readout_parts(model, params)
+    layer, lv, _ = readout_parts(model, params)
     J = bptt.step_jacobians(layer, lv, x)
     return np.asarray(bptt.singular_values(J)[0, 0])
 
@@ -134,7 +135,7 @@ def _fit(
 ):
     """Train a RecurrentReadout on fresh adding batches; returns (state, history, error).
     Evaluates on (x_test, y_test) at the end unless x_test is None."""
-    model = bptt.RecurrentReadout(cell, cfg.hidden)
+    model = RecurrentReadout(cell, cfg.hidden)
     trainer = train.Trainer(model, train.mse_loss, optimizer)
     batch_fn = adding_batches(cfg.batch_size, cfg.seq_len, cfg.seed)
     state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
@@ -168,7 +169,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
 
     # 1. the three cells at init and after training
     for cell in CELL_NAMES:
-        model = bptt.RecurrentReadout(cell, cfg.hidden)
+        model = RecurrentReadout(cell, cfg.hidden)
         params0 = jax.jit(model.init)(jax.random.key(cfg.seed), x[:1])["params"]
         tx = train.make_optimizer("adam", cfg.lr, clip_norm=1.0)
 
@@ -202,12 +203,12 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         svals[f"{cell} trained"] = np.asarray(trained["svals"])
 
     # 2. the sigma_max sweep (tanh RNN at init)
-    model = bptt.RecurrentReadout("rnn", cfg.hidden)
+    model = RecurrentReadout("rnn", cfg.hidden)
     base = jax.jit(model.init)(jax.random.key(cfg.seed), x[:1])["params"]
     for sigma in cfg.sigmas:
         params = _set_sigma(base, sigma)
         c = _curves(model, params, x, y)
-        layer, lv, _ = bptt.readout_parts(model, params)
+        layer, lv, _ = readout_parts(model, params)
         J = bptt.step_jacobians(layer, lv, x)
         logp = np.asarray(bptt.product_log_norms(J)[0], np.float64)  # (B, T+1)
         prod_curve = np.exp(logp.mean(axis=0))  # geometric mean over the batch

@@ -1,5 +1,6 @@
 """CNN model zoo: VGG and ResNet families (2D images and 1D sequences), PyTorch weight import,
-and the small MNIST-1D baselines (``jaxnets.models.small``).
+the small MNIST-1D baselines (``jaxnets.models.small``) and the long-memory experiments'
+recurrent layer with a linear readout (``jaxnets.models.readout``).
 
 Every model maps ``(batch, *spatial, channels)`` floats to logits ``(batch, num_classes)``::
 
@@ -22,6 +23,7 @@ import flax.linen as nn
 
 from jaxnets.models.common import BatchNorm, adaptive_avg_pool, global_avg_pool
 from jaxnets.models.probes import conv_kernels, layer_grad_norms, receptive_field
+from jaxnets.models.readout import RecurrentReadout, readout_parts
 from jaxnets.models.resnet import (
     BasicBlock,
     Bottleneck,
@@ -98,6 +100,9 @@ __all__ = [
     "GRUClassifier",
     "LogisticRegression",
     "mnist1d_model",
+    # a recurrent layer with a linear readout (jaxnets.models.readout)
+    "RecurrentReadout",
+    "readout_parts",
     # CNN families
     "CFGS",
     "VGG",
