@@ -1,5 +1,6 @@
-"""jaxnets.bptt against independent references: jax.grad of the layer, finite differences
-of layer.apply, closed forms (the tanh RNN Jacobian, the Lyapunov sum rule), a Python loop
+"""jaxnets.bptt against independent references: jax.grad of the layer (straight through
+lax.scan with impl="scan", and through the default impl="fused"), finite differences of
+layer.apply, closed forms (the tanh RNN Jacobian, the Lyapunov sum rule), a Python loop
 of matrix products, a perturbed-trajectory Lyapunov exponent, and stop_gradient-built
 truncations."""
 
@@ -346,13 +347,18 @@ def _check_explicit_float64(cfg, many_to_many, method, jmethod):
         res = bptt.explicit_bptt(
             layer, v, x, loss_fn, lengths, method=method, jacobian_method=jmethod
         )
-        g_params, g_x, _ = _ref_grads(layer, loss_fn, v["params"], x, lengths, None)
-        assert rel_err(res.grads, g_params) <= 1e-10
-        # the per-step contributions add up to the gradient
-        summed = jax.tree.map(lambda a: a.sum(0), res.contributions)
-        assert rel_err(summed, g_params) <= 1e-10
-        # dL/dx by the input VJPs
-        assert rel_err(res.input_grads, g_x) <= 1e-10
+        # jax.grad through lax.scan (impl="scan"), and through the default impl="fused"
+        # (whose backward pass is hand-written): explicit BPTT equals both
+        for impl in ("scan", "fused"):
+            g_params, g_x, _ = _ref_grads(
+                layer.clone(impl=impl), loss_fn, v["params"], x, lengths, None
+            )
+            assert rel_err(res.grads, g_params) <= 1e-10, impl
+            # the per-step contributions add up to the gradient
+            summed = jax.tree.map(lambda a: a.sum(0), res.contributions)
+            assert rel_err(summed, g_params) <= 1e-10, impl
+            # dL/dx by the input VJPs
+            assert rel_err(res.input_grads, g_x) <= 1e-10, impl
 
 
 def _check_explicit_float32(cfg, many_to_many):
@@ -360,7 +366,9 @@ def _check_explicit_float32(cfg, many_to_many):
     loss_fn = a_loss(layer, many_to_many)
     res = bptt.explicit_bptt(layer, v, x, loss_fn, lengths)
     assert res.grads["l0"]["weight_hh"].dtype == jnp.float32
-    assert rel_err(res.grads, ref_grad(layer, v, x, loss_fn, lengths)) <= 1e-5
+    for impl in ("scan", "fused"):
+        ref = ref_grad(layer.clone(impl=impl), v, x, loss_fn, lengths)
+        assert rel_err(res.grads, ref) <= 1e-5, impl
 
 
 @settings(max_examples=3, deadline=None, derandomize=True)
