@@ -71,7 +71,7 @@ class Classifier(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        layer = {"gru": rnn.GRU, "lstm": rnn.LSTM, "rnn": rnn.RNN}[self.cell]
+        layer = rnn.CELLS[self.cell]
         outputs, _ = layer(hidden_size=self.hidden)(x)
         return nn.Dense(2)(outputs[:, -1])
 

@@ -28,12 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxnets.ops.recurrent import DEFAULT_CHUNK, fused_scan
+from jaxnets.ops.recurrent import DEFAULT_CHUNK, fused_scan, step_mask
 
 __all__ = [
     "RNN",
     "LSTM",
     "GRU",
+    "CELLS",
+    "GATES",
+    "cell_params",
+    "check_lengths",
+    "step_mask",
+    "torch_uniform",
     "rnn_step",
     "lstm_step",
     "gru_step",
@@ -129,7 +135,7 @@ def gru_step(
     return h, h
 
 
-_GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
+GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}  # G: the gates stacked in weight_ih / weight_hh
 
 # "fused": jaxnets.ops.recurrent.fused_scan, a custom VJP (the default: faster on CPU);
 # "scan": jax.grad straight through lax.scan of the step function (the reference).
@@ -190,7 +196,7 @@ def scan_layer(
 
         final, (ys, cs) = _scan(body, carry0, xs, reverse, remat_chunk)
     else:
-        mask = jnp.arange(n_time)[:, None] < lengths[None, :]  # (time, batch)
+        mask = step_mask(lengths, n_time)  # (time, batch)
 
         def body(carry, inp):
             x_t, m_t = inp
@@ -237,16 +243,51 @@ def _scan(body: Callable, carry0: Any, xs: Any, reverse: bool, remat_chunk: int)
 # ---------------------------------------------------------------------------------------
 
 
-def _torch_uniform(bound: float, dtype):
-    def init(key, shape):
+def torch_uniform(bound: float) -> Callable:
+    """Initialiser U(-bound, bound): PyTorch's default for recurrent weights and biases
+    (bound = 1/sqrt(H)) and for Linear / Conv layers (bound = 1/sqrt(fan_in))."""
+
+    def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
 
 
+def cell_params(
+    module: nn.Module,
+    *,
+    gates: int,
+    hidden_size: int,
+    input_size: int,
+    recurrent_size: int,
+    proj_size: int = 0,
+    bias: bool = True,
+    param_dtype: Any = jnp.float32,
+    prefix: str = "",
+) -> dict[str, Array]:
+    """Create one cell's parameters on ``module`` with PyTorch's names (after ``prefix``),
+    shapes and initialisation (every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H))): the
+    ``params`` dict the step functions take. Call it from a compact method or ``setup``."""
+    init = torch_uniform(1.0 / np.sqrt(hidden_size))
+    gh = gates * hidden_size
+
+    def param(name, shape):
+        return module.param(prefix + name, init, shape, param_dtype)
+
+    p = {
+        "weight_ih": param("weight_ih", (gh, input_size)),
+        "weight_hh": param("weight_hh", (gh, recurrent_size)),
+    }
+    if bias:
+        p["bias_ih"] = param("bias_ih", (gh,))
+        p["bias_hh"] = param("bias_hh", (gh,))
+    if proj_size > 0:
+        p["weight_hr"] = param("weight_hr", (proj_size, hidden_size))
+    return p
+
+
 class _CellParams(nn.Module):
-    """Creates one cell's parameters with PyTorch's names, shapes and initialisation
-    (every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H)))."""
+    """One cell's parameters as a submodule (``l0``, ``l0_reverse``, ...): `cell_params`."""
 
     gates: int
     hidden_size: int
@@ -258,18 +299,16 @@ class _CellParams(nn.Module):
 
     @nn.compact
     def __call__(self) -> dict[str, Array]:
-        init = _torch_uniform(1.0 / np.sqrt(self.hidden_size), self.param_dtype)
-        gh = self.gates * self.hidden_size
-        p = {
-            "weight_ih": self.param("weight_ih", init, (gh, self.input_size)),
-            "weight_hh": self.param("weight_hh", init, (gh, self.recurrent_size)),
-        }
-        if self.bias:
-            p["bias_ih"] = self.param("bias_ih", init, (gh,))
-            p["bias_hh"] = self.param("bias_hh", init, (gh,))
-        if self.proj_size > 0:
-            p["weight_hr"] = self.param("weight_hr", init, (self.proj_size, self.hidden_size))
-        return p
+        return cell_params(
+            self,
+            gates=self.gates,
+            hidden_size=self.hidden_size,
+            input_size=self.input_size,
+            recurrent_size=self.recurrent_size,
+            proj_size=self.proj_size,
+            bias=self.bias,
+            param_dtype=self.param_dtype,
+        )
 
 
 def layer_names(layer: _Recurrent) -> list[str]:
@@ -298,6 +337,28 @@ def _check_float(name: str, a) -> None:
 
 def _is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
+
+
+def check_lengths(lengths, batch: int, n_time: int, name: str = "x") -> None:
+    """Clear errors for packed-sequence ``lengths`` of the input ``name`` of shape
+    ``(batch, n_time, ...)``: shape ``(batch,)``, integer dtype, values in 1..n_time (the
+    values only when concrete: under ``jit`` they cannot be read). None passes."""
+    if lengths is None:
+        return
+    if _shape(lengths) != (batch,):
+        raise ValueError(
+            f"lengths: expected shape ({batch},) (one length per sequence of {name}), "
+            f"got shape {_shape(lengths)}"
+        )
+    if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise TypeError(f"lengths: expected an integer array, got dtype {jnp.result_type(lengths)}")
+    if _is_concrete(lengths):
+        lv = np.asarray(lengths)
+        if lv.size and (lv.min() < 1 or lv.max() > n_time):
+            raise ValueError(
+                f"lengths: expected values in 1..{n_time} (the time axis of {name}), "
+                f"got min {lv.min()} and max {lv.max()}"
+            )
 
 
 def time_dropout(
@@ -384,23 +445,7 @@ class _Recurrent(nn.Module):
         batch, n_time, _ = _shape(x)
         if n_time < 1:
             raise ValueError(f"x: expected at least one time step, got shape {_shape(x)}")
-        if lengths is not None:
-            if _shape(lengths) != (batch,):
-                raise ValueError(
-                    f"lengths: expected shape ({batch},) (one length per sequence), "
-                    f"got shape {_shape(lengths)}"
-                )
-            if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-                raise TypeError(
-                    f"lengths: expected an integer array, got dtype {jnp.result_type(lengths)}"
-                )
-            if _is_concrete(lengths):
-                lv = np.asarray(lengths)
-                if lv.size and (lv.min() < 1 or lv.max() > n_time):
-                    raise ValueError(
-                        f"lengths: expected values in 1..{n_time} (the time axis of x), "
-                        f"got min {lv.min()} and max {lv.max()}"
-                    )
+        check_lengths(lengths, batch, n_time)
         if initial_state is not None:
             n = self.num_layers * self.num_directions
             want_h = (n, batch, self.output_size)
@@ -476,7 +521,7 @@ class _Recurrent(nn.Module):
             for d in range(dirs):
                 idx = k * dirs + d
                 p = _CellParams(
-                    gates=_GATES[self.mode],
+                    gates=GATES[self.mode],
                     hidden_size=self.hidden_size,
                     input_size=x.shape[-1] if k == 0 else dirs * self.output_size,
                     recurrent_size=self.output_size,
@@ -560,6 +605,9 @@ class GRU(_Recurrent):
     """GRU with PyTorch's equations and layout (``gru_step``)."""
 
     mode = "GRU"
+
+
+CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}  # the layers by the names configs use
 
 
 # ---------------------------------------------------------------------------------------

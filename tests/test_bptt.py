@@ -16,9 +16,7 @@ import pytest
 from hypothesis import given, settings
 
 from jaxnets import bptt, train
-from jaxnets.rnn import GRU, LSTM, RNN
-
-CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
+from jaxnets.rnn import CELLS, GRU, LSTM, RNN
 
 
 def make(

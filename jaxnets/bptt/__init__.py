@@ -79,6 +79,7 @@ from jaxnets.bptt.spectra import (
     singular_values,
 )
 from jaxnets.bptt.truncated import TruncatedBPTT, truncated_apply, truncated_grad
+from jaxnets.rnn import CELLS
 
 __all__ = [
     "JACOBIAN_METHODS",
@@ -112,7 +113,7 @@ __all__ = [
     "truncated_grad",
 ]
 
-_MOVED = ("CELLS", "RecurrentReadout", "readout_parts")
+_MOVED = ("RecurrentReadout", "readout_parts")
 
 
 def __getattr__(name: str):

@@ -42,7 +42,6 @@ from jaxtyping import Array, Float, Int
 from jaxnets import rnn
 
 LossFn = Callable[..., Array]  # loss_fn(outputs, final_state, *loss_args) -> scalar
-_GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +62,7 @@ class _Cell:
 
     @property
     def gates(self) -> int:
-        return _GATES[self.mode]
+        return rnn.GATES[self.mode]
 
     def flatten(self, carry) -> Array:
         return jnp.concatenate(carry, axis=-1) if self.mode == "LSTM" else carry
@@ -171,14 +170,7 @@ def _validate(layer, variables, x, lengths, initial_state) -> _Cell:
     _check_shapes(
         layer, _shape_sig(params), _shape_sig(x), _shape_sig(lengths), _shape_sig(initial_state)
     )
-    if lengths is not None and not isinstance(lengths, jax.core.Tracer):
-        lv = np.asarray(lengths)
-        n_time = np.shape(x)[1]
-        if lv.size and (lv.min() < 1 or lv.max() > n_time):
-            raise ValueError(
-                f"lengths: expected values in 1..{n_time} (the time axis of x), "
-                f"got min {lv.min()} and max {lv.max()}"
-            )
+    rnn.check_lengths(lengths, np.shape(x)[0], np.shape(x)[1])
     return cell
 
 
@@ -226,9 +218,7 @@ def _setup(layer, variables, x, lengths, initial_state) -> _Setup:
     dtype = jnp.result_type(x, *jax.tree.leaves(params))
     batch, n_time = np.shape(x)[:2]
     xs = jnp.swapaxes(jnp.asarray(x, dtype), 0, 1)
-    masks = None
-    if lengths is not None:
-        masks = jnp.arange(n_time)[:, None] < jnp.asarray(lengths)[None, :]
+    masks = rnn.step_mask(lengths, n_time)
     n_cells = cell.num_layers * (2 if cell.bidirectional else 1)
     carries0 = []
     for i in range(n_cells):

@@ -7,10 +7,8 @@ from collections.abc import Callable, Mapping
 import flax.linen as nn
 from jaxtyping import Array, Float
 
-from jaxnets import rnn
 from jaxnets.bptt.truncated import TruncatedBPTT
-
-CELLS = {"rnn": rnn.RNN, "lstm": rnn.LSTM, "gru": rnn.GRU}
+from jaxnets.rnn import CELLS
 
 
 class RecurrentReadout(nn.Module):

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -35,12 +34,7 @@ __all__ = [
 
 def _torch_uniform(fan_in: int) -> Callable:
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Linear/Conv weights and biases."""
-    bound = 1.0 / float(fan_in) ** 0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+    return rnn.torch_uniform(1.0 / float(fan_in) ** 0.5)
 
 
 def _dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense:

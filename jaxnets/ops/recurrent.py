@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-__all__ = ["fused_scan", "DEFAULT_CHUNK", "MODES"]
+__all__ = ["fused_scan", "DEFAULT_CHUNK", "MODES", "step_mask"]
 
 MODES = ("RNN", "LSTM", "GRU")
 DEFAULT_CHUNK = 10  # backward weight-gradient products every 10 steps (measured, see module doc)
@@ -64,6 +64,15 @@ class _Config:
 # ---------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------
+
+
+def step_mask(lengths: Array | None, n_time: int) -> Array | None:
+    """``(time, batch)`` bool, True at ``t < lengths[b]`` (packed sequences: the steps that
+    count); None when ``lengths`` is None (every sequence full length). Exported by
+    `jaxnets.rnn`, whose layers this module implements."""
+    if lengths is None:
+        return None
+    return jnp.arange(n_time)[:, None] < jnp.asarray(lengths)[None, :]
 
 
 def _prepare(mode: str, p: Mapping[str, Array]) -> dict[str, Array]:
@@ -453,9 +462,7 @@ def fused_scan(
     carry0 = jax.tree.map(lambda a: jnp.asarray(a, dtype), carry0)
     xs = jnp.swapaxes(jnp.asarray(x, dtype), 0, 1)
     n_time = xs.shape[0]
-    mask = None
-    if lengths is not None:
-        mask = jnp.arange(n_time)[:, None] < jnp.asarray(lengths)[None, :]
+    mask = step_mask(lengths, n_time)
     cfg = _Config(mode, nonlinearity, bool(reverse), min(chunk, n_time), bool(remat))
     ys, final = _fused(cfg, params, xs, carry0, mask)  # ys batch-major already
     return ys, final

@@ -28,7 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxnets.rnn import GRU, LSTM, RNN, gru_step, lstm_step, rnn_step, time_dropout
+from jaxnets.rnn import (
+    CELLS,
+    GATES,
+    cell_params,
+    check_lengths,
+    step_function,
+    step_mask,
+    time_dropout,
+)
 
 __all__ = [
     "CELLS",
@@ -56,11 +64,8 @@ __all__ = [
     "beam_search",
 ]
 
-CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 POOLINGS = ("last", "mean", "max")
 ATTENTIONS = (None, "bahdanau", "luong")
-_STEPS = {"rnn": rnn_step, "lstm": lstm_step, "gru": gru_step}
-_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,27 +89,14 @@ def _check_tokens(tokens, lengths, name: str = "tokens") -> None:
     if lengths is None:
         return
     batch, n_time = np.shape(tokens)
-    if np.shape(lengths) != (batch,):
-        raise ValueError(
-            f"lengths: expected shape ({batch},) for {name} of shape {np.shape(tokens)}, "
-            f"got {np.shape(lengths)}"
-        )
-    if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-        raise TypeError(f"lengths: expected an integer array, got dtype {jnp.result_type(lengths)}")
-    if not isinstance(lengths, jax.core.Tracer):
-        lv = np.asarray(lengths)
-        if lv.size and (lv.min() < 1 or lv.max() > n_time):
-            raise ValueError(
-                f"lengths: expected values in 1..{n_time} (the time axis of {name}), "
-                f"got min {lv.min()} and max {lv.max()}"
-            )
+    check_lengths(lengths, batch, n_time, name)
 
 
 def length_mask(lengths: Int[Array, " batch"] | None, n_time: int, batch: int) -> Array:
     """``(batch, time)`` bool, True at ``t < lengths[b]`` (all True when lengths is None)."""
     if lengths is None:
         return jnp.ones((batch, n_time), dtype=bool)
-    return jnp.arange(n_time)[None, :] < lengths[:, None]
+    return step_mask(lengths, n_time).T
 
 
 def recurrent_layer(
@@ -513,7 +505,7 @@ def decoder_step(
     zeros of shape ``(batch, 1)`` without attention.
     """
     states, o_prev = carry
-    step = _STEPS[spec.cell]
+    step = step_function(CELLS[spec.cell])
     x = params["embed"][y_prev]
     batch = y_prev.shape[0]
     weights = jnp.zeros((batch, 1), x.dtype)
@@ -542,13 +534,6 @@ def decoder_step(
 
 def _top_h(state):
     return state[0] if isinstance(state, tuple) else state
-
-
-def _uniform(bound: float):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 class Seq2Seq(nn.Module):
@@ -605,27 +590,24 @@ class Seq2Seq(nn.Module):
         if self.cell == "lstm":
             self.bridge_c = nn.Dense(h * self.decoder_layers)
         embed_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
-        gates, bound = _GATES[self.cell] * h, 1.0 / np.sqrt(h)
         extra = {None: 0, "bahdanau": m, "luong": h}[self.attention]
-        cells = []
-        for layer in range(self.decoder_layers):
-            in_size = e + extra if layer == 0 else h
-            cells.append(
-                {
-                    "weight_ih": self.param(
-                        f"dec_l{layer}_weight_ih", _uniform(bound), (gates, in_size)
-                    ),
-                    "weight_hh": self.param(f"dec_l{layer}_weight_hh", _uniform(bound), (gates, h)),
-                    "bias_ih": self.param(f"dec_l{layer}_bias_ih", _uniform(bound), (gates,)),
-                    "bias_hh": self.param(f"dec_l{layer}_bias_hh", _uniform(bound), (gates,)),
-                }
+        cells = tuple(
+            cell_params(
+                self,
+                gates=GATES[CELLS[self.cell].mode],
+                hidden_size=h,
+                input_size=e + extra if layer == 0 else h,
+                recurrent_size=h,
+                prefix=f"dec_l{layer}_",
             )
+            for layer in range(self.decoder_layers)
+        )
         lecun = nn.initializers.lecun_normal()
         zeros = nn.initializers.zeros
         combine_in = h + (m if self.attention else 0)
         dec = {
             "embed": self.param("tgt_embed", embed_init, (self.tgt_vocab_size, e)),
-            "cells": tuple(cells),
+            "cells": cells,
             "combine": {
                 "kernel": self.param("combine_kernel", lecun, (combine_in, h)),
                 "bias": self.param("combine_bias", zeros, (h,)),
