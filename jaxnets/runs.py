@@ -56,8 +56,6 @@ __all__ = [
     "experiment_name",
 ]
 
-TIMING_KEYS = ("steps_per_sec", "examples_per_sec", "wall_time", "elapsed_s")
-
 
 class RunError(RuntimeError):
     """A run directory cannot be used as asked (finished, or started with another config)."""
@@ -105,12 +103,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 class RunDir:
     """One run directory (see the module docstring for the layout).
 
+    ``RunDir.CHECKPOINTS``: the name of the checkpoints folder in it.
+
     Args:
       path: the directory; created if missing.
       devices: data-parallel device count that `jaxnets.train` uses by default for runs in
         this directory (a runtime option, not part of the config).
       progress: show tqdm progress bars.
     """
+
+    CHECKPOINTS = "checkpoints"
 
     def __init__(self, path: str | os.PathLike, *, devices: int = 1, progress: bool = True):
         self.path = Path(path)
@@ -139,7 +141,7 @@ class RunDir:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / self.CHECKPOINTS
 
     def plot_path(self, name: str) -> Path:
         """Path of a PNG plot in this run, e.g. ``run_dir.plot_path("loss")`` -> RUN/loss.png."""

@@ -59,6 +59,8 @@ __all__ = [
     "cross_entropy_loss",
     "mse_loss",
     "trainable_mask",
+    "key_path_str",
+    "read_checkpoint",
     "data_mesh",
     "TIMING_KEYS",
     "strip_timing",
@@ -202,7 +204,9 @@ def init_state(
 # --- trainable partition ---------------------------------------------------------------------
 
 
-def _path_str(path) -> str:
+def key_path_str(path) -> str:
+    """A pytree key path as the "/"-joined string that ``trainable=`` callables and
+    `jaxnets.transfer` patterns match, e.g. ``"backbone/conv1/kernel"``."""
     parts = []
     for p in path:
         for attr in ("key", "name", "idx"):
@@ -224,7 +228,9 @@ def trainable_mask(params: Any, trainable: Any) -> Any:
     if trainable is None:
         return jax.tree.map(lambda _: True, params)
     if callable(trainable):
-        return jax.tree_util.tree_map_with_path(lambda p, _: bool(trainable(_path_str(p))), params)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: bool(trainable(key_path_str(p))), params
+        )
     try:
         return jax.tree.map(lambda t, sub: jax.tree.map(lambda _: bool(t), sub), trainable, params)
     except ValueError as e:
@@ -608,6 +614,35 @@ def _save(manager, step: int, state: TrainState) -> None:
 
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
+
+
+def read_checkpoint(
+    directory: str | os.PathLike, step: int | None = None, *, caller: str = "read_checkpoint"
+) -> tuple[int, Any]:
+    """``(step, state)``: a checkpoint written by `Trainer.fit` into ``directory`` (a run's
+    ``checkpoints/``), restored without a template (the arrays come back with the shapes
+    they were saved with). ``step``: which one (default: the latest). ``caller`` names the
+    function in error messages."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{caller}: no directory {directory}")
+    manager = ocp.CheckpointManager(directory.absolute())
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"{caller}: {directory} holds no checkpoint (expected the "
+                f"{RunDir.CHECKPOINTS}/ of a Trainer.fit run directory)"
+            )
+        if step is None:
+            step = manager.latest_step()
+        elif step not in steps:
+            raise ValueError(f"{caller}: no step {step} in {directory}; steps: {sorted(steps)}")
+        return step, manager.restore(step, args=ocp.args.StandardRestore())
+    finally:
+        manager.close()
 
 
 def _to_record(step: int, metrics: dict, prefix: str = "") -> dict:

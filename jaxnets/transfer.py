@@ -86,17 +86,10 @@ _MAX_LISTED = 20
 # --- paths and patterns ----------------------------------------------------------------------
 
 
-def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def flatten_paths(tree: PyTree) -> dict[str, Any]:
     """``{"a/b/c": leaf}`` for every leaf of ``tree``, in tree order."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(_key_str(k) for k in kp): leaf for kp, leaf in flat}
+    return {train.key_path_str(kp): leaf for kp, leaf in flat}
 
 
 def _glob_segment(seg: str) -> str:
@@ -183,7 +176,7 @@ def select(tree: PyTree, patterns: Patterns) -> PyTree:
     """
     pats = _as_patterns(patterns)
     return jax.tree_util.tree_map_with_path(
-        lambda kp, _: matches("/".join(_key_str(k) for k in kp), pats), tree
+        lambda kp, _: matches(train.key_path_str(kp), pats), tree
     )
 
 
@@ -262,7 +255,7 @@ class ParamGroups:
                 f"Add a pattern for them (a last catch-all group '**' works) or pass default="
             )
         return jax.tree_util.tree_map_with_path(
-            lambda kp, _: self.group_of("/".join(_key_str(k) for k in kp)) or default, params
+            lambda kp, _: self.group_of(train.key_path_str(kp)) or default, params
         )
 
     def mask(self, params: PyTree, names: Iterable[str]) -> PyTree:
@@ -339,27 +332,9 @@ def load_checkpoint(path: str | os.PathLike | RunDir, step: int | None = None) -
     ``step``: which checkpoint (default: the latest). No template is needed: the arrays come
     back with the shapes they were saved with.
     """
-    import orbax.checkpoint as ocp
-
     root = Path(path.path if isinstance(path, RunDir) else path)
-    ckpt = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"load_checkpoint: no directory {ckpt}")
-    manager = ocp.CheckpointManager(ckpt.absolute())
-    try:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(
-                f"load_checkpoint: {ckpt} holds no checkpoint (expected the checkpoints/ of a "
-                f"Trainer.fit run directory)"
-            )
-        if step is None:
-            step = manager.latest_step()
-        elif step not in steps:
-            raise ValueError(f"load_checkpoint: no step {step} in {ckpt}; steps: {sorted(steps)}")
-        state = manager.restore(step, args=ocp.args.StandardRestore())
-    finally:
-        manager.close()
+    ckpt = root / RunDir.CHECKPOINTS if (root / RunDir.CHECKPOINTS).is_dir() else root
+    step, state = train.read_checkpoint(ckpt, step, caller="load_checkpoint")
     if not isinstance(state, Mapping) or "params" not in state:
         raise ValueError(f"load_checkpoint: {ckpt} step {step} is not a jaxnets TrainState")
     # Host arrays: restored arrays are committed to a device, and a train state mixing
@@ -467,7 +442,7 @@ def load_pretrained(
                 chosen[p] = jnp.asarray(np.asarray(source[p]), dtype=jnp.result_type(leaf))
 
         def pick(kp, leaf, chosen=chosen):
-            return chosen.get("/".join(_key_str(k) for k in kp), leaf)
+            return chosen.get(train.key_path_str(kp), leaf)
 
         out[coll] = jax.tree_util.tree_map_with_path(pick, variables[coll])
     if n_kept == 0:
