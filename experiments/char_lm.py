@@ -24,7 +24,7 @@ import numpy as np
 from jaxnets import plots, runs, train
 from jaxnets.seq import models as M
 from jaxnets.seq import ngram, tasks
-from jaxnets.seq import text as T
+from jaxnets.seq import text as seqtext
 
 TOUR_ORDER = 81
 
@@ -117,9 +117,9 @@ def _cut(stream: np.ndarray, n: int | None) -> np.ndarray:
 
 
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
-    texts = T.fortune_lm_texts(seed=cfg.seed)
-    vocab = T.Vocab.build(texts["train"])
-    streams = {s: T.lm_stream(texts[s], vocab) for s in T.SPLITS}
+    texts = seqtext.fortune_lm_texts(seed=cfg.seed)
+    vocab = seqtext.Vocab.build(texts["train"])
+    streams = {s: seqtext.lm_stream(texts[s], vocab) for s in seqtext.SPLITS}
     streams["train"] = _cut(streams["train"], cfg.max_train_chars)
     streams["validation"] = _cut(streams["validation"], cfg.max_eval_chars)
     streams["test"] = _cut(streams["test"], cfg.max_eval_chars)
@@ -192,7 +192,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 suppress_ids=(vocab.pad_id, vocab.unk_id, vocab.bos_id),
             )
             text = "".join(
-                "\n%\n" if s == T.EOS else s
+                "\n%\n" if s == seqtext.EOS else s
                 for s in vocab.decode_symbols(np.asarray(toks)[0], strip=False)
             )
             out["samples"][str(temp)] = cfg.prompt + text

@@ -24,7 +24,7 @@ import numpy as np
 from jaxnets import data, plots, runs, train
 from jaxnets.seq import metrics, tasks
 from jaxnets.seq import models as M
-from jaxnets.seq import text as T
+from jaxnets.seq import text as seqtext
 
 TOUR_ORDER = 82
 
@@ -94,13 +94,13 @@ def _segment(chars: str, tags: np.ndarray) -> str:
 
 
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
-    texts = T.fortune_lm_texts(seed=cfg.seed)
-    ex = {s: T.segmentation_examples(texts[s], cfg.max_chars) for s in T.SPLITS}
+    texts = seqtext.fortune_lm_texts(seed=cfg.seed)
+    ex = {s: seqtext.segmentation_examples(texts[s], cfg.max_chars) for s in seqtext.SPLITS}
     ex["train"] = _subset(ex["train"], cfg.max_train, cfg.seed)
     ex["validation"] = _subset(ex["validation"], 2000, cfg.seed + 1)
     ex["test"] = _subset(ex["test"], cfg.max_eval, cfg.seed + 2)
-    vocab = T.Vocab.build(c for c, _ in ex["train"])
-    arrays = {s: tasks.tagging_arrays(vocab, ex[s], cfg.max_chars) for s in T.SPLITS}
+    vocab = seqtext.Vocab.build(c for c, _ in ex["train"])
+    arrays = {s: tasks.tagging_arrays(vocab, ex[s], cfg.max_chars) for s in seqtext.SPLITS}
     bounds = sorted({min(b, cfg.max_chars) for b in (32, 48, cfg.max_chars)})
     true_tags = [t for _, t in ex["test"]]
 

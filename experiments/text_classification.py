@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from jaxnets import data, plots, runs, train
 from jaxnets.seq import figures, metrics, tasks
 from jaxnets.seq import models as M
-from jaxnets.seq import text as T
+from jaxnets.seq import text as seqtext
 
 TOUR_ORDER = 80
 # name -> (cell, bidirectional)
@@ -89,11 +89,13 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     unknown = [m for m in cfg.models if m not in MODELS]
     if unknown:
         raise ValueError(f"models: unknown {unknown}; expected some of {tuple(MODELS)}")
-    splits, names = T.fortune_classification(
+    splits, names = seqtext.fortune_classification(
         seed=cfg.seed, max_per_class=cfg.max_per_class, max_chars=cfg.max_chars
     )
-    vocab = T.Vocab.build(splits["train"][0])
-    arrays = {s: tasks.classification_arrays(vocab, *splits[s], cfg.max_chars) for s in T.SPLITS}
+    vocab = seqtext.Vocab.build(splits["train"][0])
+    arrays = {
+        s: tasks.classification_arrays(vocab, *splits[s], cfg.max_chars) for s in seqtext.SPLITS
+    }
     bounds = sorted({min(b, cfg.max_chars) for b in (64, 128, cfg.max_chars)})
     results: dict = {
         "models": {},

@@ -29,7 +29,7 @@ import numpy as np
 from jaxnets import data, plots, runs, train
 from jaxnets.seq import figures, metrics, tasks
 from jaxnets.seq import models as M
-from jaxnets.seq import text as T
+from jaxnets.seq import text as seqtext
 
 TOUR_ORDER = 83
 MAX_LEN = 28  # longest word and longest pronunciation in CMUdict (letters/apostrophes)
@@ -206,10 +206,10 @@ def _g2p(cfg: Config, sub: runs.RunDir, attention: str | None, splits, sv, tv) -
 
 
 def _korean(cfg: Config, sub: runs.RunDir) -> dict:
-    splits = T.number_word_pairs(cfg.ko_numbers, lang="ko", seed=cfg.seed)
-    sv = T.Vocab.build([s for s, _ in splits["train"]])
-    tv = T.Vocab.build([t for _, t in splits["train"]])
-    max_src, max_tgt = 5, max(len(t) for s in T.SPLITS for _, t in splits[s]) + 1
+    splits = seqtext.number_word_pairs(cfg.ko_numbers, lang="ko", seed=cfg.seed)
+    sv = seqtext.Vocab.build([s for s, _ in splits["train"]])
+    tv = seqtext.Vocab.build([t for _, t in splits["train"]])
+    max_src, max_tgt = 5, max(len(t) for s in seqtext.SPLITS for _, t in splits[s]) + 1
     arrays = tasks.seq2seq_arrays(sv, tv, splits["train"], max_src, max_tgt)
     val = tasks.seq2seq_arrays(sv, tv, splits["validation"], max_src, max_tgt)
     model = M.Seq2Seq(
@@ -241,12 +241,12 @@ def _korean(cfg: Config, sub: runs.RunDir) -> dict:
 
 
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
-    splits = T.g2p_splits(seed=cfg.seed)
+    splits = seqtext.g2p_splits(seed=cfg.seed)
     splits["train"] = _subset(splits["train"], cfg.max_train_words, cfg.seed)
     splits["test"] = _subset(splits["test"], cfg.max_eval_words, cfg.seed + 1)
     splits["validation"] = _subset(splits["validation"], 2000, cfg.seed + 2)
-    sv = T.Vocab.build([w for w, _ in splits["train"]])
-    tv = T.Vocab.build([p for _, prons in splits["train"] for p in prons], sep=" ")
+    sv = seqtext.Vocab.build([w for w, _ in splits["train"]])
+    tv = seqtext.Vocab.build([p for _, prons in splits["train"] for p in prons], sep=" ")
     kinds = {"attention": cfg.attention}
     if cfg.compare_no_attention:
         kinds["no_attention"] = None

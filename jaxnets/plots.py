@@ -16,10 +16,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["metric_curves", "lines", "bars", "heatmap", "series"]
+__all__ = ["metric_curves", "lines", "bars", "heatmap", "series", "save_figure"]
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (folders created), close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -69,7 +70,7 @@ def metric_curves(
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def lines(
@@ -106,7 +107,7 @@ def lines(
     ax.grid(alpha=0.3)
     if len(ys) > 1:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bars(
@@ -142,7 +143,7 @@ def bars(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def heatmap(
@@ -171,4 +172,4 @@ def heatmap(
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -13,16 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxnets.plots import save_figure  # noqa: E402
+
 __all__ = ["attention_maps", "confusion"]
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def attention_maps(
@@ -57,7 +50,7 @@ def attention_maps(
         ax.set_title("".join(src), fontsize=9)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion(
@@ -85,4 +78,4 @@ def confusion(
     ax.set_ylabel("true")
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

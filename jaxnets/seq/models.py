@@ -511,7 +511,7 @@ def decoder_step(
     weights = jnp.zeros((batch, 1), x.dtype)
     attend = additive_attention if spec.attention == "bahdanau" else multiplicative_attention
     if spec.attention == "bahdanau":
-        context, weights = attend(params["attention"], _top_h(states[-1]), memory)
+        context, weights = attend(params["attention"], _hidden(states[-1]), memory)
         x = jnp.concatenate([x, context], axis=-1)
     elif spec.attention == "luong":
         x = jnp.concatenate([x, o_prev], axis=-1)
@@ -532,7 +532,8 @@ def decoder_step(
     return (tuple(new_states), o), logits, weights
 
 
-def _top_h(state):
+def _hidden(state):
+    """h of a cell carry: ``h`` itself, or the h of an LSTM's ``(h, c)``."""
     return state[0] if isinstance(state, tuple) else state
 
 
