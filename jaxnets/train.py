@@ -31,6 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ __all__ = [
     "read_checkpoint",
     "data_mesh",
     "TIMING_KEYS",
+    "LoopSettings",
     "strip_timing",
     "tree_equal",
     "count_params",
@@ -295,6 +297,16 @@ def mse_loss(preds, batch: Batch) -> tuple[Array, dict]:
 # --- optimizer -------------------------------------------------------------------------------
 
 
+def _warmup_from_fraction(fraction: float, total_steps: int | None, cap: int) -> int:
+    if total_steps is None:
+        raise ValueError("make_optimizer: warmup_fraction needs total_steps")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"make_optimizer: warmup_fraction must be in [0, 1], got {fraction!r}")
+    # exact decimal arithmetic: 0.1 * 300 is 30, not 30.000000000000004 floored by luck
+    steps = math.floor(Fraction(str(fraction)) * int(total_steps))
+    return min(steps, cap) if cap else steps
+
+
 def make_optimizer(
     name: str = "adam",
     learning_rate: float | optax.Schedule = 1e-3,
@@ -305,6 +317,7 @@ def make_optimizer(
     warmup_steps: int = 0,
     total_steps: int | None = None,
     schedule: str = "constant",
+    warmup_fraction: float | None = None,
 ) -> optax.GradientTransformation:
     """An optax optimizer: optional global-norm clipping first, then adam/adamw/sgd.
 
@@ -313,10 +326,15 @@ def make_optimizer(
     ``torch.optim.Adam`` / ``SGD`` do with their ``weight_decay``.
 
     ``schedule``: "constant" or "cosine" (needs ``total_steps``), with ``warmup_steps`` of
-    linear warm-up; or pass an optax schedule as ``learning_rate``.
+    linear warm-up; or pass an optax schedule as ``learning_rate``. ``warmup_fraction``
+    (needs ``total_steps``): warm up for floor(warmup_fraction * total_steps) steps instead,
+    at most ``warmup_steps`` when that is given too (``warmup_fraction=0.1,
+    warmup_steps=200`` is min(200, total_steps // 10)).
     """
     if weight_decay < 0:
         raise ValueError(f"make_optimizer: weight_decay must be >= 0, got {weight_decay!r}")
+    if warmup_fraction is not None:
+        warmup_steps = _warmup_from_fraction(warmup_fraction, total_steps, warmup_steps)
     lr = learning_rate
     if not callable(lr):
         if schedule == "cosine":
@@ -571,10 +589,27 @@ def evaluate(eval_step, state: TrainState, batches: Iterable[Batch], mesh=None) 
 
 @dataclasses.dataclass
 class FitResult:
-    """What `Trainer.fit` returns: the final state and the logged records."""
+    """What `Trainer.fit` returns: the final state, the logged records, and the fit's
+    wall-clock and CPU seconds (compilation and checkpoint restore included: the cost of
+    the call)."""
 
     state: TrainState
     history: list[dict]
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the trained model (`count_params` of ``state.params``)."""
+        return count_params(self.state.params)
+
+    @property
+    def minutes(self) -> float:
+        return self.wall_s / 60
+
+    @property
+    def cpu_minutes(self) -> float:
+        return self.cpu_s / 60
 
     @property
     def metrics(self) -> dict:
@@ -735,6 +770,7 @@ class Trainer:
         ``devices`` (default ``run_dir.devices`` or 1): data-parallel over that many devices,
         batch size must divide evenly. ``eval_batches()`` returns a fresh iterable of batches.
         """
+        t0, c0 = time.perf_counter(), time.process_time()
         if num_steps < 0:
             raise ValueError(f"num_steps must be >= 0, got {num_steps}")
         for name, v in (("log_every", log_every), ("checkpoint_every", checkpoint_every)):
@@ -836,7 +872,37 @@ class Trainer:
             bar.close()
             if manager is not None:
                 manager.close()
-        return FitResult(state=state, history=history)
+        return FitResult(
+            state=state,
+            history=history,
+            wall_s=time.perf_counter() - t0,
+            cpu_s=time.process_time() - c0,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """Mixin for experiment configs: the loop cadence `Trainer.fit` takes, declared once.
+
+    ``class Config(train.LoopSettings): ...`` gets the three fields (an experiment whose
+    defaults differ redeclares just the default); ``trainer.fit(..., **cfg.loop())``.
+
+    log_every: steps between logged (window-averaged) training records.
+    eval_every: steps between evaluations (0: only at the end).
+    checkpoint_every: steps between checkpoints (and one at the end).
+    """
+
+    log_every: int = 50
+    eval_every: int = 500
+    checkpoint_every: int = 500
+
+    def loop(self) -> dict:
+        """The keyword arguments of `Trainer.fit` these settings give."""
+        return {
+            "log_every": self.log_every,
+            "eval_every": self.eval_every,
+            "checkpoint_every": self.checkpoint_every,
+        }
 
 
 def strip_timing(records: Iterable[dict]) -> list[dict]:

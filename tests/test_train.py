@@ -426,3 +426,55 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
     a = [json.loads(s) for s in (killed / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(s) for s in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert train.strip_timing(a) == train.strip_timing(b)
+
+
+# --- the experiments' shared glue ------------------------------------------------------------
+
+
+def test_warmup_fraction_is_a_floored_fraction_of_the_total_capped():
+    """warmup_fraction=0.1, warmup_steps=cap warms up for min(cap, total // 10) steps (the
+    experiments' rule, by integer arithmetic), and the learning rate reaches its value then."""
+    for total in (0, 7, 10, 95, 300, 1999, 2000, 2001, 5000, 12345):
+        for cap in (0, 100, 200):
+            want = total // 10 if cap == 0 else min(cap, total // 10)
+            assert train._warmup_from_fraction(0.1, total, cap) == want, (total, cap)
+    # sgd, lr 1, gradient 1 on one weight: the update at step t is -lr(t), t/W while warming
+    tx = train.make_optimizer(
+        "sgd", 1.0, momentum=0.0, warmup_fraction=0.1, warmup_steps=200, total_steps=40
+    )
+    p = {"w": jnp.zeros(())}
+    opt, lrs = tx.init(p), []
+    for _ in range(6):
+        u, opt = tx.update({"w": jnp.ones(())}, opt, p)
+        lrs.append(-float(u["w"]))
+    np.testing.assert_allclose(lrs, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0], atol=1e-7)  # W = 4
+    with pytest.raises(ValueError, match="warmup_fraction needs total_steps"):
+        train.make_optimizer("adam", warmup_fraction=0.1)
+
+
+def test_fit_result_carries_timing_and_parameter_count(tmp_path):
+    batch = _toy(n=8, d=5, classes=3)
+    trainer = train.Trainer(MLP(classes=3), train.cross_entropy_loss, optax.sgd(0.1))
+    state = trainer.init(jax.random.key(0), batch)
+    res = trainer.fit(state, lambda step: batch, 3, run_dir=RunDir(tmp_path / "r"), log_every=1)
+    assert res.num_params == (5 * 16 + 16) + (16 * 3 + 3)  # Dense(16), Dense(3)
+    assert res.wall_s > 0 and res.cpu_s > 0
+    assert res.minutes == res.wall_s / 60 and res.cpu_minutes == res.cpu_s / 60
+
+
+def test_loop_settings_mixin_gives_the_fit_keywords():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(train.LoopSettings):
+        steps: int = 10
+        log_every: int = 7  # an experiment's own default
+
+    cfg = Config(eval_every=3)
+    assert cfg.loop() == {"log_every": 7, "eval_every": 3, "checkpoint_every": 500}
+    assert [f.name for f in dataclasses.fields(Config)] == [
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "steps",
+    ]

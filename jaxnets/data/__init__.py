@@ -7,9 +7,10 @@ Data sets (each returns a `Dataset` with `x_train, y_train, x_test, y_test, num_
 - `load_mnist1d`: MNIST-1D generated with the `mnist1d` package (4000/1000, length 40),
   `shuffle=True` for the shuffled-positions variant.
 - `load_cifar10`, `load_mnist`: readers for files the user has downloaded.
-- `adding_problem`, `copy_task`: seeded generators of the classic long-memory tasks.
+- `adding_problem`, `copy_task`: seeded generators of the classic long-memory tasks;
+  `adding_batches`: a fresh adding-problem batch per step.
 
-Cutting data: `train_test_split`, `filter_classes`, `few_shot`, `resize_images`.
+Cutting data: `train_test_split`, `filter_classes`, `few_shot`, `subset`, `resize_images`.
 
 Batches: `Batches(data, batch_size, seed=...)` gives the training batch at any global step as
 a pure function of (seed, step) (`batch_at(step)`), so resumed runs see identical batches;
@@ -27,19 +28,21 @@ from jaxnets.data.files import (
 from jaxnets.data.images import load_digits, resize_images
 from jaxnets.data.sequences import (
     MNIST1D_DEFAULTS,
+    adding_batches,
     adding_problem,
     copy_task,
     copy_task_baseline,
     dataset_from_generator,
     load_mnist1d,
 )
-from jaxnets.data.splits import Dataset, few_shot, filter_classes, train_test_split
+from jaxnets.data.splits import Dataset, few_shot, filter_classes, subset, train_test_split
 
 __all__ = [
     "Batches",
     "CIFAR10_CLASSES",
     "Dataset",
     "MNIST1D_DEFAULTS",
+    "adding_batches",
     "adding_problem",
     "copy_task",
     "copy_task_baseline",
@@ -55,5 +58,6 @@ __all__ = [
     "read_cifar10_batch",
     "read_idx",
     "resize_images",
+    "subset",
     "train_test_split",
 ]

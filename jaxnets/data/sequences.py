@@ -162,6 +162,17 @@ def adding_problem(
     return x, y
 
 
+def adding_batches(batch_size: int, length: int, seed: int):
+    """``step -> {"x": (B, T, 2), "y": (B,)}``: a fresh `adding_problem` batch per step, a
+    pure function of (seed, step), so resumed runs see the same batches."""
+
+    def batch_fn(step: int) -> dict:
+        x, y = adding_problem(batch_size, length, seed=(seed, 2, step))
+        return {"x": x, "y": y}
+
+    return batch_fn
+
+
 def copy_task(
     num_examples: int,
     delay: int,

@@ -179,3 +179,13 @@ def few_shot(
         chosen.append(rng.choice(members, size=per_class, replace=False))
     idx = np.sort(np.concatenate(chosen))
     return x[idx], y[idx]
+
+
+def subset(items: list, n: int | None, seed: int) -> list:
+    """A seeded subset of ``n`` of ``items`` (drawn without replacement with
+    ``default_rng(seed)``), in their original order; all of them when ``n`` is None or at
+    least ``len(items)``."""
+    if n is None or n >= len(items):
+        return items
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
+    return [items[i] for i in keep]
