@@ -77,17 +77,6 @@ QUICK = {
 TOUR = {"lengths": (100, 200), "hidden": 32, "steps": 800, "eval_every": 200, "copy_steps": 300}
 
 
-def adding_batches(batch_size: int, length: int, seed: int):
-    """``step -> {"x": (B, T, 2), "y": (B,)}``: a fresh adding-problem batch per step,
-    a pure function of (seed, step)."""
-
-    def batch_fn(step: int) -> dict:
-        x, y = data.adding_problem(batch_size, length, seed=(seed, 2, step))
-        return {"x": x, "y": y}
-
-    return batch_fn
-
-
 def one_hot_copy(n: int, delay: int, seed, copy_length: int) -> dict:
     """Copy-task batch with one-hot inputs: x (n, T + 2S, 10) float32, y (n, T + 2S) int."""
     x, y = data.copy_task(n, delay, seed=seed, copy_length=copy_length)
@@ -145,7 +134,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
 
             def one(sub, model=model, T=T, test=test):
                 trainer = train.Trainer(model, train.mse_loss, tx)
-                batch_fn = adding_batches(cfg.batch_size, T, cfg.seed)
+                batch_fn = data.adding_batches(cfg.batch_size, T, cfg.seed)
                 state = init_state(trainer, cfg, batch_fn(0))
                 res = trainer.fit(
                     state,

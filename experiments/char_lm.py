@@ -30,7 +30,7 @@ TOUR_ORDER = 81
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(train.LoopSettings):
     """Char LSTM vs modified Kneser-Ney n-grams on the fortunes collection.
 
     Command line: ``python -m experiments.char_lm [--layers 2] [--steps 8000]``
@@ -151,33 +151,30 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
             clip_norm=1.0,
             schedule="cosine",
             total_steps=cfg.steps,
-            warmup_steps=min(200, cfg.steps // 10),
+            warmup_fraction=0.1,
+            warmup_steps=200,
         )
         trainer = train.Trainer(model, tasks.token_loss, tx, forward=tasks.lm_forward)
         batch_fn = tasks.LMWindows(streams["train"], cfg.batch_size, cfg.seq_len, cfg.seed)
         val_windows = tasks.LMWindows(streams["validation"], 64, cfg.seq_len, cfg.seed + 1)
         state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
-        t, c = time.perf_counter(), time.process_time()
         res = trainer.fit(
             state,
             batch_fn,
             cfg.steps,
             run_dir=sub,
             eval_batches=(lambda: [val_windows(i) for i in range(4)]) if cfg.eval_every else None,
-            eval_every=cfg.eval_every,
-            log_every=cfg.log_every,
-            checkpoint_every=cfg.checkpoint_every,
+            **cfg.loop(),
             desc="char lstm",
         )
-        minutes = (time.perf_counter() - t) / 60
-        cpu_minutes = (time.process_time() - c) / 60
+        minutes, cpu_minutes = res.minutes, res.cpu_minutes
         v = res.state.variables
         out = {
             "validation_bpc": tasks.lm_bits_per_symbol(model, v, streams["validation"]),
             "test_bpc": tasks.lm_bits_per_symbol(model, v, streams["test"]),
             "train_minutes": minutes,
             "train_cpu_minutes": cpu_minutes,
-            "params": train.count_params(res.state.params),
+            "params": res.num_params,
             "samples": {},
         }
         prompt = jnp.asarray(np.concatenate([[vocab.eos_id], vocab.encode(cfg.prompt)]))

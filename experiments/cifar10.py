@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +42,7 @@ PUBLISHED_TEST_ERROR = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(train.LoopSettings):
     """He et al. CIFAR-10 training of one network.
 
     Command line: ``python -m experiments.cifar10 --data-dir ~/data/cifar-10-batches-py
@@ -169,13 +168,11 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         data.Batches(ds.train, cfg.batch_size, seed=cfg.seed), cfg.seed, cfg.augment
     )
     state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
-    t0 = time.perf_counter()
     result = trainer.fit(
         state, batch_fn, cfg.steps, run_dir=run_dir,
-        eval_batches=lambda: data.eval_batches(ds.test, 500), eval_every=cfg.eval_every,
-        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, desc=cfg.model,
+        eval_batches=lambda: data.eval_batches(ds.test, 500), **cfg.loop(), desc=cfg.model,
     )  # fmt: skip
-    runtime = time.perf_counter() - t0
+    runtime = result.wall_s
     plots.metric_curves(
         run_dir.metrics(), run_dir.plot_path("curves"),
         keys=("loss", "accuracy", "eval_accuracy"), title=f"{cfg.model} on CIFAR-10",
@@ -183,7 +180,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     speeds = [r["steps_per_sec"] for r in result.history if "steps_per_sec" in r]
     return {
         "model": cfg.model,
-        "params": train.count_params(result.state.params),
+        "params": result.num_params,
         "steps": cfg.steps,
         "test_error": 1.0 - result.eval["accuracy"],
         "test_loss": result.eval["loss"],

@@ -120,7 +120,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 "train_error": 1.0 - ev_train["accuracy"],
                 "test_error": 1.0 - ev_test["accuracy"],
                 "train_loss": ev_train["loss"],
-                "params": train.count_params(result.state.params),
+                "params": result.num_params,
                 "conv_layers": len(norms),
                 "grad_norms_at_init": [n for _, n in norms],
                 "grad_norms_at_init_no_bn": [n for _, n in norms_no_bn],

@@ -23,7 +23,7 @@ TOUR_ORDER = 0
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(train.LoopSettings):
     """Sign-of-the-sum classification with a recurrent network.
 
     Command line: ``python -m experiments.demo [--cell lstm] [--steps 800]``
@@ -91,9 +91,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         cfg.steps,
         run_dir=run_dir,
         eval_batches=lambda: data.eval_batches(data_test, 256),
-        eval_every=cfg.eval_every,
-        log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every,
+        **cfg.loop(),
         desc=f"demo {cfg.cell}",
     )
     plots.metric_curves(
@@ -106,7 +104,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         "test_accuracy": result.eval["accuracy"],
         "test_loss": result.eval["loss"],
         "train_loss": result.metrics["loss"],
-        "params": train.count_params(result.state.params),
+        "params": result.num_params,
     }
 
 

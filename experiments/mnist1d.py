@@ -40,7 +40,7 @@ PUBLISHED = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(train.LoopSettings):
     """Four baselines x {default, shuffled} MNIST-1D, `seeds` seeds each.
 
     Training follows the reference code: Adam, learning rate 1e-2, batch 100, 6000 steps,
@@ -149,8 +149,7 @@ def train_ladder_rung(
     result = trainer.fit(
         state, batch_fn, cfg.steps, run_dir=sub,
         eval_batches=lambda: eval_batches(test, cfg.eval_batch_size, pad=False),
-        eval_every=cfg.eval_every, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, desc=f"{setting} {sub.path.name} x{cfg.seeds}",
+        **cfg.loop(), desc=f"{setting} {sub.path.name} x{cfg.seeds}",
     )  # fmt: skip
     on_train = trainer.evaluate(
         result.state, eval_batches(train_set, cfg.eval_batch_size, pad=False)
@@ -162,7 +161,7 @@ def train_ladder_rung(
         "best_test_accuracy": [
             max(r[f"eval_accuracy_{m}"] for r in evals) for m in range(cfg.seeds)
         ],
-        "params": train.count_params(result.state.params) // cfg.seeds,
+        "params": result.num_params // cfg.seeds,
     }
 
 

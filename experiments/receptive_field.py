@@ -177,7 +177,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
             return {
                 "test_accuracy": res.eval["accuracy"],
                 "train_accuracy": train_acc,
-                "params": train.count_params(res.state.params),
+                "params": res.num_params,
                 "kernel_weights": kernel_weights(res.state.params),
                 "runtime_s": time.perf_counter() - t0,
             }

@@ -15,7 +15,6 @@ starts after the first character), on the test lines.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Literal
 
 import jax
@@ -30,7 +29,7 @@ TOUR_ORDER = 82
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(train.LoopSettings):
     """Word segmentation by per-character tagging, uni- vs bidirectional.
 
     Command line: ``python -m experiments.tagging [--hidden 128] [--steps 3000]``
@@ -53,9 +52,6 @@ class Config:
     batch_size: int = 64
     steps: int = 3000
     lr: float = 3e-3
-    log_every: int = 50
-    eval_every: int = 500
-    checkpoint_every: int = 500
 
 
 QUICK = {
@@ -80,13 +76,6 @@ TOUR = {
 }
 
 
-def _subset(items: list, n: int | None, seed: int) -> list:
-    if n is None or n >= len(items):
-        return items
-    keep = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
-    return [items[i] for i in keep]
-
-
 def _segment(chars: str, tags: np.ndarray) -> str:
     return "".join(
         (" " if t and i else "") + c for i, (c, t) in enumerate(zip(chars, tags, strict=True))
@@ -96,9 +85,9 @@ def _segment(chars: str, tags: np.ndarray) -> str:
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     texts = seqtext.fortune_lm_texts(seed=cfg.seed)
     ex = {s: seqtext.segmentation_examples(texts[s], cfg.max_chars) for s in seqtext.SPLITS}
-    ex["train"] = _subset(ex["train"], cfg.max_train, cfg.seed)
-    ex["validation"] = _subset(ex["validation"], 2000, cfg.seed + 1)
-    ex["test"] = _subset(ex["test"], cfg.max_eval, cfg.seed + 2)
+    ex["train"] = data.subset(ex["train"], cfg.max_train, cfg.seed)
+    ex["validation"] = data.subset(ex["validation"], 2000, cfg.seed + 1)
+    ex["test"] = data.subset(ex["test"], cfg.max_eval, cfg.seed + 2)
     vocab = seqtext.Vocab.build(c for c, _ in ex["train"])
     arrays = {s: tasks.tagging_arrays(vocab, ex[s], cfg.max_chars) for s in seqtext.SPLITS}
     bounds = sorted({min(b, cfg.max_chars) for b in (32, 48, cfg.max_chars)})
@@ -124,12 +113,12 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 clip_norm=1.0,
                 schedule="cosine",
                 total_steps=cfg.steps,
-                warmup_steps=min(100, cfg.steps // 10),
+                warmup_fraction=0.1,
+                warmup_steps=100,
             )
             trainer = train.Trainer(model, tasks.token_loss, tx, forward=tasks.tagger_forward)
             batch_fn = tasks.BucketBatches(arrays["train"], cfg.batch_size, cfg.seed, bounds)
             state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
-            t, c = time.perf_counter(), time.process_time()
             res = trainer.fit(
                 state,
                 batch_fn,
@@ -138,13 +127,10 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 eval_batches=(lambda: data.eval_batches(arrays["validation"], 256))
                 if cfg.eval_every
                 else None,
-                eval_every=cfg.eval_every,
-                log_every=cfg.log_every,
-                checkpoint_every=cfg.checkpoint_every,
+                **cfg.loop(),
                 desc=name,
             )
-            minutes = (time.perf_counter() - t) / 60
-            cpu_minutes = (time.process_time() - c) / 60
+            minutes, cpu_minutes = res.minutes, res.cpu_minutes
             pred = tasks.predict_tags(model, res.state.variables, arrays["test"])
             word, boundary = metrics.word_f1(true_tags, pred), metrics.boundary_f1(true_tags, pred)
             return {
@@ -154,7 +140,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 "boundary_f1": boundary["f1"],
                 "train_minutes": minutes,
                 "train_cpu_minutes": cpu_minutes,
-                "params": train.count_params(res.state.params),
+                "params": res.num_params,
                 "examples": [
                     _segment(c, p) for (c, _), p in zip(ex["test"][:5], pred[:5], strict=True)
                 ],

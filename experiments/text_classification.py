@@ -35,7 +35,7 @@ MODELS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(train.LoopSettings):
     """Fortune-collection classification with four recurrent models and a baseline.
 
     Command line: ``python -m experiments.text_classification [--models lstm bilstm]``
@@ -59,9 +59,6 @@ class Config:
     batch_size: int = 32
     steps: int = 2000
     lr: float = 3e-3
-    log_every: int = 50
-    eval_every: int = 500
-    checkpoint_every: int = 500
 
 
 QUICK = {
@@ -142,7 +139,8 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 clip_norm=1.0,
                 schedule="cosine",
                 total_steps=cfg.steps,
-                warmup_steps=min(100, cfg.steps // 10),
+                warmup_fraction=0.1,
+                warmup_steps=100,
             )
             trainer = train.Trainer(
                 model, train.cross_entropy_loss, tx, forward=tasks.classifier_forward
@@ -151,7 +149,6 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 arrays["train"], cfg.batch_size, cfg.seed, bounds, width_keys=("x",)
             )
             state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
-            t, c = time.perf_counter(), time.process_time()
             res = trainer.fit(
                 state,
                 batch_fn,
@@ -160,13 +157,10 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 eval_batches=(lambda: data.eval_batches(arrays["validation"], 128))
                 if cfg.eval_every
                 else None,
-                eval_every=cfg.eval_every,
-                log_every=cfg.log_every,
-                checkpoint_every=cfg.checkpoint_every,
+                **cfg.loop(),
                 desc=name,
             )
-            minutes = (time.perf_counter() - t) / 60
-            cpu_minutes = (time.process_time() - c) / 60
+            minutes, cpu_minutes = res.minutes, res.cpu_minutes
             pred = tasks.predict_classes(model, res.state.variables, arrays["test"])
             return {
                 "accuracy": metrics.accuracy(y, pred),
@@ -174,7 +168,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 "validation_accuracy": res.eval.get("accuracy") if res.eval else None,
                 "train_minutes": minutes,
                 "train_cpu_minutes": cpu_minutes,
-                "params": train.count_params(res.state.params),
+                "params": res.num_params,
                 "confusion": metrics.confusion_matrix(y, pred, len(names)).tolist(),
             }
 

@@ -37,7 +37,7 @@ BOUNDS = (6, 8, 10, 12, 16, MAX_LEN + 1)
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(train.LoopSettings):
     """G2P with and without attention on CMUdict, plus numbers -> Korean words.
 
     Command line: ``python -m experiments.translation [--steps 12000] [--hidden 256]``
@@ -100,13 +100,6 @@ TOUR = {
 }
 
 
-def _subset(items: list, n: int | None, seed: int) -> list:
-    if n is None or n >= len(items):
-        return items
-    keep = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
-    return [items[i] for i in keep]
-
-
 def _train_seq2seq(
     cfg: Config, sub: runs.RunDir, model: M.Seq2Seq, arrays: dict, val: dict, steps: int, desc: str
 ):
@@ -122,7 +115,8 @@ def _train_seq2seq(
         clip_norm=1.0,
         schedule="cosine",
         total_steps=steps,
-        warmup_steps=min(200, steps // 10),
+        warmup_fraction=0.1,
+        warmup_steps=200,
     )
     trainer = train.Trainer(model, tasks.token_loss, tx, forward=tasks.seq2seq_forward)
     batch_fn = tasks.BucketBatches(
@@ -134,21 +128,17 @@ def _train_seq2seq(
         width_keys=("src", "x", "y"),
     )
     state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
-    t0, c0 = time.perf_counter(), time.process_time()
     result = trainer.fit(
         state,
         batch_fn,
         steps,
         run_dir=sub,
         eval_batches=(lambda: data.eval_batches(val, 256)) if cfg.eval_every else None,
-        eval_every=cfg.eval_every,
-        log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every,
+        **cfg.loop(),
         desc=desc,
     )
-    minutes = (time.perf_counter() - t0) / 60
-    cpu_minutes = (time.process_time() - c0) / 60
-    return result.state, (minutes, cpu_minutes), train.count_params(result.state.params)
+    minutes, cpu_minutes = result.minutes, result.cpu_minutes
+    return result.state, (minutes, cpu_minutes), result.num_params
 
 
 def _g2p(cfg: Config, sub: runs.RunDir, attention: str | None, splits, sv, tv) -> dict:
@@ -242,9 +232,9 @@ def _korean(cfg: Config, sub: runs.RunDir) -> dict:
 
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     splits = seqtext.g2p_splits(seed=cfg.seed)
-    splits["train"] = _subset(splits["train"], cfg.max_train_words, cfg.seed)
-    splits["test"] = _subset(splits["test"], cfg.max_eval_words, cfg.seed + 1)
-    splits["validation"] = _subset(splits["validation"], 2000, cfg.seed + 2)
+    splits["train"] = data.subset(splits["train"], cfg.max_train_words, cfg.seed)
+    splits["test"] = data.subset(splits["test"], cfg.max_eval_words, cfg.seed + 1)
+    splits["validation"] = data.subset(splits["validation"], 2000, cfg.seed + 2)
     sv = seqtext.Vocab.build([w for w, _ in splits["train"]])
     tv = seqtext.Vocab.build([p for _, prons in splits["train"] for p in prons], sep=" ")
     kinds = {"attention": cfg.attention}

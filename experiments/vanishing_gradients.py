@@ -76,17 +76,6 @@ QUICK = {
 TOUR = {}
 
 
-def adding_batches(batch_size: int, length: int, seed: int):
-    """``step -> {"x": (B, T, 2), "y": (B,)}``: a fresh adding-problem batch per step (a
-    pure function of (seed, step), so resumed runs see the same batches)."""
-
-    def batch_fn(step: int) -> dict:
-        x, y = data.adding_problem(batch_size, length, seed=(seed, 2, step))
-        return {"x": x, "y": y}
-
-    return batch_fn
-
-
 def readout_mse(outputs, final_state, kernel, bias, y):
     """MSE of the linear readout of the last output (module level: compiled once)."""
     pred = outputs[:, -1] @ kernel[:, 0] + bias[0]
@@ -137,7 +126,7 @@ def _fit(
     Evaluates on (x_test, y_test) at the end unless x_test is None."""
     model = RecurrentReadout(cell, cfg.hidden)
     trainer = train.Trainer(model, train.mse_loss, optimizer)
-    batch_fn = adding_batches(cfg.batch_size, cfg.seq_len, cfg.seed)
+    batch_fn = data.adding_batches(cfg.batch_size, cfg.seq_len, cfg.seed)
     state = trainer.init(jax.random.key(cfg.seed), batch_fn(0))
     if params0 is not None:
         state = state.replace(params=params0, opt_state=optimizer.init(params0))
