@@ -35,25 +35,13 @@ class Config(train.LoopSettings):
 
     Command line: ``python -m experiments.char_lm [--layers 2] [--steps 8000]``
     Runtime: the full config (2 layers of 512, dropout 0.3, AdamW weight decay 0.1, 8000
-    steps of 64 x 128) trained in 179 min wall / 337 min CPU (1.34 s a step) on 2 quiet
-    cores with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (a short check on the same
-    machine: 1.27 s a step with it, 1.67 s without); an earlier 2-core machine ran the
-    same step in 0.63 s (6500 steps in 68 min), so expect 1.5-3 hours. The n-gram part takes seconds; ``--quick``: under a
-    minute; tour (1 layer of 128): about 20 s.
-    Measured (seed 0): Kneser-Ney 6-gram 2.197 bits/char on test; the LSTM **1.970, 10.3%
-    lower** (validation 1.921 vs the 6-gram's 2.149): the target, 10% lower (<= 1.977),
-    is met by 0.007 bits/char. Periodic validation (4 zero-state windows) at 4000 / 5000
-    / 6000 / 7000 / 8000 steps: 1.996 / 1.978 / 1.969 / 1.962 / 1.961; training bits with
-    dropout on 1.895 at the end. Other settings of the same net: 6500 steps
-    (``--steps 6500``) 1.980 (9.9%, misses the target by 0.003); 6500 steps without
-    weight decay (``--weight-decay 0``) 1.986 (9.6%); with dropout 0.2 and no decay 1.997
-    (9.1%; it overfits: training bits with dropout on 1.825 vs periodic validation 1.984
-    at the end, against 1.939 vs 1.978 with 0.3); dropout 0.2 for 3300 steps 2.043
-    (7.0%), for 10500 steps 2.008 (8.6%), worse than 6500: the periodic validation stays
-    at ~2.00 from step 6000 on while training bits fall; dropout 0.3 for 3300 steps 2.061
-    (6.2%: more dropout needs the longer run); one layer of 512, dropout 0.25, 6000 steps
-    of 32 x 128 2.111 (3.9%); with dropout 0 one layer overfits the 2 MB corpus (training
-    1.77, validation 2.10).
+    steps of 64 x 128): 179 min wall / 337 min CPU (1.34 s a step) on 2 quiet cores with
+    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (1.67 s a step without it), so expect 1.5-3
+    hours; the n-gram part takes seconds; ``--quick``: under a minute; tour (1 layer of
+    128): about 20 s.
+    Expected (seed 0, measured): Kneser-Ney 6-gram 2.197 bits/char on test, the LSTM
+    1.970, 10.3% lower (the target: 10% lower, <= 1.977). Earlier settings and their
+    figures: the README's results table.
     """
 
     seed: int = 0
