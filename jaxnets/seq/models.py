@@ -43,6 +43,7 @@ __all__ = [
     "POOLINGS",
     "ATTENTIONS",
     "recurrent_layer",
+    "embed_and_encode",
     "last_layer_state",
     "masked_mean",
     "masked_max",
@@ -132,6 +133,36 @@ def last_layer_state(final_state: Any, directions: int) -> Float[Array, "batch d
     return jnp.concatenate(list(h[-directions:]), axis=-1)
 
 
+def embed_and_encode(
+    model: nn.Module,
+    tokens: Int[Array, "batch time"],
+    lengths: Int[Array, " batch"] | None,
+    deterministic: bool,
+    *,
+    initial_state: Any = None,
+    variational: bool = False,
+) -> tuple[Float[Array, "batch time dh"], Any]:
+    """The front every token model shares: ids -> ``Embed`` (params ``"embed"``) ->
+    dropout -> the ``jaxnets.rnn`` layer (params ``"rnn"``; dropout between its layers) ->
+    ``(outputs, final_state)``. Call it inside ``model``'s compact ``__call__``; ``model``
+    supplies ``vocab_size``, ``embed_dim``, ``cell``, ``hidden_size``, ``num_layers``,
+    ``dropout`` and ``bidirectional`` (False when it has none). ``variational``: one
+    dropout mask per sequence shared over time (`jaxnets.rnn.time_dropout`)."""
+    _check_tokens(tokens, lengths)
+    x = nn.Embed(model.vocab_size, model.embed_dim, name="embed")(tokens)
+    x = time_dropout(model.dropout, variational, x, deterministic)
+    rnn = recurrent_layer(
+        model.cell,
+        model.hidden_size,
+        model.num_layers,
+        bool(getattr(model, "bidirectional", False)),
+        model.dropout,
+        "rnn",
+        variational,
+    )
+    return rnn(x, initial_state=initial_state, lengths=lengths, deterministic=deterministic)
+
+
 def masked_mean(
     x: Float[Array, "batch time d"], lengths: Int[Array, " batch"] | None
 ) -> Float[Array, "batch d"]:
@@ -207,18 +238,7 @@ class SequenceClassifier(nn.Module):
         lengths: Int[Array, " batch"] | None = None,
         deterministic: bool = True,
     ) -> Float[Array, "batch classes"]:
-        _check_tokens(tokens, lengths)
-        x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
-        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-        rnn = recurrent_layer(
-            self.cell,
-            self.hidden_size,
-            self.num_layers,
-            self.bidirectional,
-            self.dropout,
-            name="rnn",
-        )
-        outputs, final = rnn(x, lengths=lengths, deterministic=deterministic)
+        outputs, final = embed_and_encode(self, tokens, lengths, deterministic)
         if self.pooling == "last":
             feats = last_layer_state(final, 2 if self.bidirectional else 1)
         elif self.pooling == "mean":
@@ -276,15 +296,9 @@ class LanguageModel(nn.Module):
         lengths: Int[Array, " batch"] | None = None,
         deterministic: bool = True,
     ) -> tuple[Float[Array, "batch time vocab"], Any]:
-        _check_tokens(tokens, lengths)
-        x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
         var = self.variational_dropout
-        x = time_dropout(self.dropout, var, x, deterministic)
-        rnn = recurrent_layer(
-            self.cell, self.hidden_size, self.num_layers, False, self.dropout, "rnn", var
-        )
-        outputs, final = rnn(
-            x, initial_state=initial_state, lengths=lengths, deterministic=deterministic
+        outputs, final = embed_and_encode(
+            self, tokens, lengths, deterministic, initial_state=initial_state, variational=var
         )
         outputs = time_dropout(self.dropout, var, outputs, deterministic)
         return nn.Dense(self.vocab_size, name="head")(outputs), final
@@ -405,18 +419,7 @@ class Tagger(nn.Module):
         lengths: Int[Array, " batch"] | None = None,
         deterministic: bool = True,
     ) -> Float[Array, "batch time tags"]:
-        _check_tokens(tokens, lengths)
-        x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
-        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-        rnn = recurrent_layer(
-            self.cell,
-            self.hidden_size,
-            self.num_layers,
-            self.bidirectional,
-            self.dropout,
-            name="rnn",
-        )
-        outputs, _ = rnn(x, lengths=lengths, deterministic=deterministic)
+        outputs, _ = embed_and_encode(self, tokens, lengths, deterministic)
         outputs = nn.Dropout(self.dropout)(outputs, deterministic=deterministic)
         return nn.Dense(self.num_tags, name="head")(outputs)
 
