@@ -27,8 +27,7 @@ import jax
 import numpy as np
 
 from jaxnets import data, plots, runs, train
-from jaxnets.seq import figures, metrics, tasks
-from jaxnets.seq import models as M
+from jaxnets.seq import figures, metrics, seq2seq, tasks
 from jaxnets.seq import text as seqtext
 
 TOUR_ORDER = 83
@@ -101,7 +100,13 @@ TOUR = {
 
 
 def _train_seq2seq(
-    cfg: Config, sub: runs.RunDir, model: M.Seq2Seq, arrays: dict, val: dict, steps: int, desc: str
+    cfg: Config,
+    sub: runs.RunDir,
+    model: seq2seq.Seq2Seq,
+    arrays: dict,
+    val: dict,
+    steps: int,
+    desc: str,
 ):
     """Teacher-forced training with length buckets.
 
@@ -146,7 +151,7 @@ def _g2p(cfg: Config, sub: runs.RunDir, attention: str | None, splits, sv, tv) -
     arrays = tasks.seq2seq_arrays(sv, tv, train_pairs, MAX_LEN, MAX_LEN + 1)
     val_pairs = [(w, prons[0]) for w, prons in splits["validation"]]
     val = tasks.seq2seq_arrays(sv, tv, val_pairs, MAX_LEN, MAX_LEN + 1)
-    model = M.Seq2Seq(
+    model = seq2seq.Seq2Seq(
         len(sv),
         len(tv),
         embed_dim=cfg.embed,
@@ -202,7 +207,7 @@ def _korean(cfg: Config, sub: runs.RunDir) -> dict:
     max_src, max_tgt = 5, max(len(t) for s in seqtext.SPLITS for _, t in splits[s]) + 1
     arrays = tasks.seq2seq_arrays(sv, tv, splits["train"], max_src, max_tgt)
     val = tasks.seq2seq_arrays(sv, tv, splits["validation"], max_src, max_tgt)
-    model = M.Seq2Seq(
+    model = seq2seq.Seq2Seq(
         len(sv),
         len(tv),
         embed_dim=32,

@@ -4,20 +4,14 @@ seq2seq with attention, on real offline text.
 - ``jaxnets.seq.text``: ``Vocab`` (symbols <-> ids with PAD/UNK/BOS/EOS, padded batches
   with ``lengths``) and the offline data sets (fortunes, CMUdict, num2words).
 - ``jaxnets.seq.models``: ``SequenceClassifier``, ``LanguageModel`` + ``generate``,
-  ``Tagger``, ``Seq2Seq`` + ``greedy_decode`` / ``beam_search``, attention functions.
+  ``Tagger``, and the pieces they share.
+- ``jaxnets.seq.seq2seq``: ``Seq2Seq`` + ``greedy_decode`` / ``beam_search``, attention.
 - ``jaxnets.seq.ngram``: modified Kneser-Ney character n-gram baseline.
 - ``jaxnets.seq.metrics``: accuracy, macro-F1, segmentation F1, WER/PER.
 """
 
-from jaxnets.seq.models import (
-    LanguageModel,
-    Seq2Seq,
-    SequenceClassifier,
-    Tagger,
-    beam_search,
-    generate,
-    greedy_decode,
-)
+from jaxnets.seq.models import LanguageModel, SequenceClassifier, Tagger, generate
+from jaxnets.seq.seq2seq import Seq2Seq, beam_search, greedy_decode
 from jaxnets.seq.text import Vocab
 
 __all__ = [

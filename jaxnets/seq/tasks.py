@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnets.seq import models as M
+from jaxnets.seq import seq2seq
 from jaxnets.seq.text import Vocab
 
 __all__ = [
@@ -337,7 +338,7 @@ def predict_tags(model, variables, data: dict[str, np.ndarray], batch_size: int 
 
 
 def decode_dataset(
-    model: M.Seq2Seq,
+    model: seq2seq.Seq2Seq,
     variables: Any,
     src: np.ndarray,
     src_lengths: np.ndarray,
@@ -354,11 +355,11 @@ def decode_dataset(
     data = {"src": src, "src_lengths": src_lengths}
     for _, k, b in _batched(data, batch_size):
         if beam_size > 1:
-            toks, _ = M.beam_search(
+            toks, _ = seq2seq.beam_search(
                 model, variables, b["src"], b["src_lengths"], max_len, beam_size
             )
         else:
-            toks, w = M.greedy_decode(model, variables, b["src"], b["src_lengths"], max_len)
+            toks, w = seq2seq.greedy_decode(model, variables, b["src"], b["src_lengths"], max_len)
             if model.attention:
                 weights.append(np.asarray(w)[:k])
         toks = np.asarray(toks)[:k]
