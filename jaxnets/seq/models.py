@@ -410,25 +410,11 @@ class Tagger(nn.Module):
         return nn.Dense(self.num_tags, name="head")(outputs)
 
 
-_SEQ2SEQ = (
-    "ATTENTIONS",
-    "Seq2Seq",
-    "Memory",
-    "DecoderSpec",
-    "decoder_step",
-    "additive_attention",
-    "multiplicative_attention",
-    "masked_softmax",
-    "greedy_decode",
-    "beam_search",
-)
-
-
 def __getattr__(name: str):
     # jaxnets.seq.seq2seq builds on this module, so its names are looked up when asked for
     # rather than imported here, which would be a cycle.
-    if name in _SEQ2SEQ:
-        from jaxnets.seq import seq2seq
+    from jaxnets.seq import seq2seq
 
+    if name in seq2seq.__all__:
         return getattr(seq2seq, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
