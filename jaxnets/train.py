@@ -57,6 +57,7 @@ __all__ = [
     "make_optimizer",
     "he_schedule",
     "cross_entropy",
+    "masked_cross_entropy",
     "cross_entropy_loss",
     "mse_loss",
     "trainable_mask",
@@ -272,6 +273,29 @@ def cross_entropy(
     w = weights.astype(jnp.float32)
     total = jnp.maximum(w.sum(), 1e-12)
     return (losses * w).sum() / total, (correct * w).sum() / total
+
+
+def masked_cross_entropy(
+    logits: Float[Array, "*batch classes"], targets: Int[Array, "*batch"], mask: Array | None = None
+) -> tuple[Array, Array]:
+    """``(sum of -log softmax(logits)[target] over mask, number of masked-in items)``: the
+    per-item loss of :func:`cross_entropy`, summed rather than averaged.
+
+    Returning the sum and the count (not the mean) lets callers average over a whole
+    data set exactly; the mean loss is ``total / count``.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"targets: expected shape {logits.shape[:-1]} (logits without the class axis), "
+            f"got {targets.shape}"
+        )
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), targets.astype(jnp.int32)
+    )
+    if mask is None:
+        return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+    mask = mask.astype(nll.dtype)
+    return jnp.sum(nll * mask), jnp.sum(mask)
 
 
 def cross_entropy_loss(logits, batch: Batch) -> tuple[Array, dict]:

@@ -478,3 +478,25 @@ def test_loop_settings_mixin_gives_the_fit_keywords():
         "checkpoint_every",
         "steps",
     ]
+
+
+def test_masked_cross_entropy_sum_and_count_closed_form():
+    """Sum of -log softmax at the targets over the mask, and the mask's count (numpy)."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    y = rng.integers(0, 7, (3, 5))
+    mask = rng.random((3, 5)) < 0.6
+    z = logits.astype(np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
+    total, count = train.masked_cross_entropy(
+        jnp.asarray(logits), jnp.asarray(y), jnp.asarray(mask)
+    )
+    np.testing.assert_allclose(float(total), nll[mask].sum(), rtol=1e-5)
+    assert float(count) == mask.sum()
+    total, count = train.masked_cross_entropy(jnp.asarray(logits), jnp.asarray(y))
+    np.testing.assert_allclose(float(total), nll.sum(), rtol=1e-5)
+    assert float(count) == y.size
+    with pytest.raises(ValueError, match="targets: expected shape"):
+        train.masked_cross_entropy(jnp.asarray(logits), jnp.asarray(y[:, :4]))

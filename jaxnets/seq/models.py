@@ -44,7 +44,6 @@ __all__ = [
     "masked_mean",
     "masked_max",
     "length_mask",
-    "masked_cross_entropy",
     "SequenceClassifier",
     "LanguageModel",
     "Tagger",
@@ -164,27 +163,6 @@ def masked_max(
     """Maximum of ``x`` over the first ``lengths[b]`` steps of each row."""
     mask = length_mask(lengths, x.shape[1], x.shape[0])
     return jnp.max(jnp.where(mask[:, :, None], x, -jnp.inf), axis=1)
-
-
-def masked_cross_entropy(
-    logits: Float[Array, "*batch classes"], targets: Int[Array, "*batch"], mask: Array | None = None
-) -> tuple[Array, Array]:
-    """``(sum of -log softmax(logits)[target] over mask, number of masked-in items)``.
-
-    Returning the sum and the count (not the mean) lets callers average over a whole
-    data set exactly; the mean loss is ``total / count``.
-    """
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"targets: expected shape {logits.shape[:-1]} (logits without the class axis), "
-            f"got {targets.shape}"
-        )
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    if mask is None:
-        return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
-    mask = mask.astype(nll.dtype)
-    return jnp.sum(nll * mask), jnp.sum(mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,7 +361,7 @@ class Tagger(nn.Module):
     ``(batch, time, num_tags)``. Non-autoregressive, so ``bidirectional=True`` is allowed:
     each ``h_t`` then sees the whole sequence (the forward and backward states
     concatenated). Logits past ``lengths[b]`` are meaningless and must be masked in the
-    loss (``masked_cross_entropy`` with ``length_mask``)."""
+    loss (``jaxnets.train.masked_cross_entropy`` with ``length_mask``)."""
 
     vocab_size: int
     num_tags: int
@@ -417,4 +395,8 @@ def __getattr__(name: str):
 
     if name in seq2seq.__all__:
         return getattr(seq2seq, name)
+    if name == "masked_cross_entropy":  # a loss: its home is jaxnets.train
+        from jaxnets import train
+
+        return train.masked_cross_entropy
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

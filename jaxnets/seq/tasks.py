@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnets import train
 from jaxnets.seq import models as M
 from jaxnets.seq import seq2seq
 from jaxnets.seq.text import Vocab
@@ -152,7 +153,7 @@ def token_loss(logits, batch) -> tuple[jax.Array, dict]:
         weights = M.length_mask(batch["lengths"], y.shape[1], y.shape[0]).astype(jnp.float32)
     if "mask" in batch:
         weights = weights * batch["mask"].astype(jnp.float32)[:, None]
-    total, count = M.masked_cross_entropy(logits, y, weights)
+    total, count = train.masked_cross_entropy(logits, y, weights)
     count = jnp.maximum(count, 1.0)
     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
     loss = total / count
@@ -287,7 +288,7 @@ def lm_bits_per_symbol(
     @jax.jit
     def chunk_nll(state, xc, yc, mc):
         logits, state = model.apply(variables, xc, initial_state=state)
-        total, _ = M.masked_cross_entropy(logits, yc, mc)
+        total, _ = train.masked_cross_entropy(logits, yc, mc)
         return state, total
 
     state = _zero_state(model, rows)
