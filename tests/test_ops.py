@@ -227,7 +227,7 @@ def test_conv_errors():
     with pytest.raises(ValueError, match="expected 2 input channels"):
         ops_conv.conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 3, 5)))
     with pytest.raises(ValueError, match="impl: expected one of"):
-        ops_conv.conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 5)), impl="onednn")
+        ops_conv.conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 5)), impl="cudnn")
 
 
 @pytest.mark.parametrize("shape,k", [((2, 8, 6, 3), 2), ((2, 9, 3), 3), ((1, 6, 6, 2), 3)])
