@@ -205,3 +205,7 @@ def test_errors_are_clear():
     assert ops_conv.conv(x, jnp.zeros((5, 5, 2, 1))).shape == (1, 0, 0, 1)
     with ops_conv.default_impl("xla"):
         assert ops_conv.resolve_impl("auto", 64, dtype=jnp.float32, padding=((1, 1),) * 2) == "xla"
+    with ops_conv.onednn_disabled():  # jaxnets' choice without oneDNN: gemm from 32 channels
+        assert ops_conv.resolve_impl("auto", 64, dtype=jnp.float32, padding=((1, 1),) * 2) == "gemm"
+        assert ops_conv.resolve_impl("auto", 16, dtype=jnp.float32, padding=((1, 1),) * 2) == "xla"
+        assert ops_conv.resolve_impl("onednn", 16) == "onednn"  # an explicit impl still wins

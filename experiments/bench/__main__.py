@@ -1,7 +1,8 @@
 """``python -m experiments.bench``: jaxnets vs PyTorch vs Flax, timed side by side.
 
 Prints a markdown table (median seconds per training step, min-max over rounds, and each
-reference's time over jaxnets': above 1.00x jaxnets is faster) and writes
+reference's time over jaxnets': above 1.00x jaxnets is faster; for the CNNs,
+"jaxnets-xla" is jaxnets on XLA's convolutions, i.e. without the oneDNN extension) and writes
 ``bench-results.json``::
 
     {"lstm": {"jaxnets": s, "torch": s, "flax": s}, "gru": {...}, "rnn": {...},
@@ -35,7 +36,7 @@ from pathlib import Path
 ALL = ("lstm", "gru", "rnn", "vgg", "resnet20", "jacobians", "memory")
 RNN_WORKLOADS = ("lstm", "gru", "rnn")
 CNN_WORKLOADS = ("vgg", "resnet20")
-REFERENCES = ("torch", "flax")
+REFERENCES = ("torch", "flax", "jaxnets-xla")  # the last: CNNs without oneDNN
 ROOT = str(Path(__file__).resolve().parents[2])  # the repository: run from anywhere
 
 
@@ -152,6 +153,8 @@ def time_workload(name: str, args) -> dict:
     else:
         missing["torch"] = "not installed"
     steps["flax"] = mod.flax_step(name, shape)
+    if name in CNN_WORKLOADS and (xla := cnn.jaxnets_xla_step(name, shape)) is not None:
+        steps["jaxnets-xla"] = xla
     if name in RNN_WORKLOADS and (cudnn := rnn.cudnn_step(name, shape)) is not None:
         steps["cudnn"] = cudnn  # jax.experimental.rnn, GPU only
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         if name in RNN_WORKLOADS + CNN_WORKLOADS:
             d = time_workload(name, args)
             results["details"][name] = d
-            cands = ("jaxnets",) + REFERENCES + (("cudnn",) if "cudnn" in d else ())
+            cands = ("jaxnets",) + tuple(r for r in REFERENCES + ("cudnn",) if r in d)
             results[name] = {c: d[c].get("median") for c in cands}
         elif name == "jacobians":
             results[name] = jacobians(args)

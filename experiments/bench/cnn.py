@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from jaxnets import models
+from jaxnets.ops import conv, onednn
 
 WORKLOADS = ("vgg", "resnet20")
 VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, "M")
@@ -100,6 +101,20 @@ def jaxnets_model(name: str, shape: Shape, **kwargs) -> nn.Module:
 def jaxnets_step(name: str, shape: Shape, **kwargs) -> Callable[[], None]:
     x, y = data(shape)
     return jax_step(jaxnets_model(name, shape, **kwargs), x, y)
+
+
+def jaxnets_xla_step(name: str, shape: Shape) -> Callable[[], None] | None:
+    """The jaxnets step with XLA's convolutions (and the GEMM kernel gradient), as jaxnets
+    runs where the oneDNN extension is not built; None where it is not built anyway."""
+    if not onednn.available():
+        return None
+    step = jaxnets_step(name, shape)
+
+    def run() -> None:
+        with conv.onednn_disabled():  # traced on the first call, so inside the block
+            step()
+
+    return run
 
 
 # --- Flax references -----------------------------------------------------------------------

@@ -30,7 +30,8 @@ and applies (float32, non-negative padding); else ``"gemm"`` on the CPU for laye
 least 32 output channels (narrower layers measured no faster); else ``"xla"``
 (``conv_general_dilated`` with its own gradient: cuDNN on GPU). ``default_impl(name)``
 changes what ``"auto"`` means inside a ``with`` block, e.g. to run a whole model on XLA's
-convolutions; it acts when a function is traced. The tests check values and both gradients
+convolutions, and ``onednn_disabled()`` keeps ``"auto"``'s choice but without oneDNN; both
+act when a function is traced. The tests check values and both gradients
 against ``conv_general_dilated`` (float64 for ``"gemm"``, float32 against a float64
 reference for ``"onednn"``).
 
@@ -56,7 +57,15 @@ from jaxtyping import Array, Float
 
 from jaxnets.ops import onednn
 
-__all__ = ["conv", "kernel_grad_gemm", "Conv", "IMPLS", "resolve_impl", "default_impl"]
+__all__ = [
+    "conv",
+    "kernel_grad_gemm",
+    "Conv",
+    "IMPLS",
+    "resolve_impl",
+    "default_impl",
+    "onednn_disabled",
+]
 
 IMPLS = ("auto", "onednn", "gemm", "xla")
 # Each chunk's P^T holds about this many elements (~4.7 MB in float32): 2048 rows for a
@@ -68,6 +77,7 @@ _DIMS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
 
 
 _AUTO: list[str] = []  # the innermost default_impl(...) override of "auto", if any
+_NO_ONEDNN = "auto without onednn"
 
 
 @contextlib.contextmanager
@@ -77,6 +87,17 @@ def default_impl(impl: str) -> Iterator[None]:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     _AUTO.append(impl)
+    try:
+        yield
+    finally:
+        _AUTO.pop()
+
+
+@contextlib.contextmanager
+def onednn_disabled() -> Iterator[None]:
+    """Inside the block, ``impl="auto"`` never picks oneDNN: the choice between ``"gemm"``
+    and ``"xla"`` that jaxnets makes without it (the benchmark's "jaxnets-xla" column)."""
+    _AUTO.append(_NO_ONEDNN)
     try:
         yield
     finally:
@@ -100,10 +121,12 @@ def resolve_impl(impl: str, out_channels: int | None = None, *, dtype=None, padd
     measured faster), else ``"xla"``. ``default_impl`` overrides what ``"auto"`` means."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    use_onednn = True
     if impl == "auto" and _AUTO:
-        impl = _AUTO[-1]
+        impl, use_onednn = ("auto", False) if _AUTO[-1] == _NO_ONEDNN else (_AUTO[-1], True)
     if impl == "auto":
-        if dtype is not None and padding is not None and _onednn_applies(dtype, padding):
+        given = dtype is not None and padding is not None
+        if use_onednn and given and _onednn_applies(dtype, padding):
             return "onednn"
         narrow = out_channels is not None and out_channels < MIN_GEMM_OUT
         return "gemm" if jax.default_backend() == "cpu" and not narrow else "xla"
