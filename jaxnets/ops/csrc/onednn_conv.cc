@@ -50,6 +50,8 @@ struct Primitives {
   dnnl::memory::desc src, wei, dst;             // the user's layouts: NHWC, HWIO, NHWC
   dnnl::memory::desc wei_fwd, wei_bwd_data, wei_bwd_w;  // the layouts the primitives chose
   dnnl::primitive fwd, bwd_data, bwd_w;
+  // Kernel buffers in the chosen layouts, allocated once (calls are serialised).
+  dnnl::memory k_fwd, k_bwd_data, k_bwd_w;
 };
 
 Primitives& Get(const Problem& p) {
@@ -72,6 +74,9 @@ Primitives& Get(const Problem& p) {
   q->wei_fwd = fwd.weights_desc();
   q->wei_bwd_data = bwd_data.weights_desc();
   q->wei_bwd_w = bwd_w.diff_weights_desc();
+  q->k_fwd = dnnl::memory(q->wei_fwd, Engine());
+  q->k_bwd_data = dnnl::memory(q->wei_bwd_data, Engine());
+  q->k_bwd_w = dnnl::memory(q->wei_bwd_w, Engine());
   q->fwd = dnnl::convolution_forward(fwd);
   q->bwd_data = dnnl::convolution_backward_data(bwd_data);
   q->bwd_w = dnnl::convolution_backward_weights(bwd_w);
@@ -84,14 +89,18 @@ dnnl::memory Wrap(const dnnl::memory::desc& md, const void* ptr) {
   return dnnl::memory(md, Engine(), const_cast<void*>(ptr));
 }
 
-// The user's HWIO kernel in layout `want` (a reorder into a fresh buffer when they differ).
-dnnl::memory KernelAs(const Primitives& q, const dnnl::memory::desc& want, const void* ptr,
+dnnl::stream& Stream() {
+  static dnnl::stream s(Engine());
+  return s;
+}
+
+// The user's HWIO kernel in the layout of `buffer` (reordered into it when they differ).
+dnnl::memory KernelAs(const Primitives& q, dnnl::memory& buffer, const void* ptr,
                       dnnl::stream& s) {
   dnnl::memory user = Wrap(q.wei, ptr);
-  if (want == q.wei) return user;
-  dnnl::memory out(want, Engine());
-  dnnl::reorder(user, out).execute(s, user, out);
-  return out;
+  if (buffer.get_desc() == q.wei) return user;
+  dnnl::reorder(user, buffer).execute(s, user, buffer);
+  return buffer;
 }
 
 // x (n, h, w, c) and kernel (kh, kw, c, o) dimensions -> the problem, or an error.
@@ -127,9 +136,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
     return e;
   return Guarded([&] {
     Primitives& q = Get(p);
-    dnnl::stream s(Engine());
+    dnnl::stream& s = Stream();
     q.fwd.execute(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
-                      {DNNL_ARG_WEIGHTS, KernelAs(q, q.wei_fwd, k.typed_data(), s)},
+                      {DNNL_ARG_WEIGHTS, KernelAs(q, q.k_fwd, k.typed_data(), s)},
                       {DNNL_ARG_DST, Wrap(q.dst, y->typed_data())}});
     s.wait();
   });
@@ -145,9 +154,9 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
     return e;
   return Guarded([&] {
     Primitives& q = Get(p);
-    dnnl::stream s(Engine());
+    dnnl::stream& s = Stream();
     q.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, Wrap(q.dst, dy.typed_data())},
-                           {DNNL_ARG_WEIGHTS, KernelAs(q, q.wei_bwd_data, k.typed_data(), s)},
+                           {DNNL_ARG_WEIGHTS, KernelAs(q, q.k_bwd_data, k.typed_data(), s)},
                            {DNNL_ARG_DIFF_SRC, Wrap(q.src, dx->typed_data())}});
     s.wait();
   });
@@ -163,10 +172,10 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     return e;
   return Guarded([&] {
     Primitives& q = Get(p);
-    dnnl::stream s(Engine());
+    dnnl::stream& s = Stream();
     dnnl::memory user = Wrap(q.wei, dk->typed_data());
     bool same = q.wei_bwd_w == q.wei;
-    dnnl::memory out = same ? user : dnnl::memory(q.wei_bwd_w, Engine());
+    dnnl::memory out = same ? user : q.k_bwd_w;
     q.bwd_w.execute(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
                         {DNNL_ARG_DIFF_DST, Wrap(q.dst, dy.typed_data())},
                         {DNNL_ARG_DIFF_WEIGHTS, out}});
