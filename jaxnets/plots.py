@@ -20,11 +20,17 @@ __all__ = ["metric_curves", "lines", "bars", "heatmap", "series", "save_figure"]
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Lay out ``fig``, write it as a PNG at ``path`` (folders created), close it."""
+    """Lay out ``fig``, write it as a PNG at ``path`` (folders created), close it.
+
+    In a multi-process run (`jaxnets.distributed`) only process 0 writes the file.
+    """
+    from jaxnets import distributed
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -7,6 +7,7 @@ A run directory holds everything one experiment run produces::
       metrics.jsonl    one JSON record per logged step (written by `jaxnets.train`)
       checkpoints/     orbax checkpoints, newest kept (written by `jaxnets.train`)
       results.json     the numbers the experiment exists to produce
+      topology.json    multi-process runs only: processes and devices of each start
       DONE             written last: the run finished (JSON: runtime, finish time)
       *.png            plots
       SUB/             sub-runs (one model / seed each), the same layout, resumable alone
@@ -25,6 +26,10 @@ An experiment is a module ``experiments/NAME.py`` with
 
 `main` turns ``Config`` into an argparse command line; `run_experiment` is the same thing
 for programs (the tour, tests).
+
+In a multi-process run (`jaxnets.distributed`) every process runs the experiment, but only
+process 0 writes the run files (config.json, metrics.jsonl, results.json, DONE, plots) and
+prints; `RunDir.log` and `RunDir.finish` are no-ops on the others.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from jaxnets import distributed
 
 __all__ = [
     "RunDir",
@@ -160,19 +167,32 @@ class RunDir:
         return read_json(self.results_path)
 
     def finish(self, results: Mapping[str, Any], runtime_s: float | None = None) -> None:
-        """Write results.json, then the DONE marker (in that order, each atomically)."""
-        write_json(self.results_path, dict(results))
-        info = {"finished": _dt.datetime.now().isoformat(timespec="seconds")}
-        if runtime_s is not None:
-            info["runtime_s"] = float(runtime_s)
-        write_json(self.path / "DONE", info)
+        """Write results.json, then the DONE marker (in that order, each atomically).
+
+        Multi-process: process 0 writes, the DONE marker records the topology, and every
+        process waits for it (so none sees a half-finished sub-run afterwards).
+        """
+        if distributed.is_main():
+            write_json(self.results_path, dict(results))
+            info: dict[str, Any] = {"finished": _dt.datetime.now().isoformat(timespec="seconds")}
+            if runtime_s is not None:
+                info["runtime_s"] = float(runtime_s)
+            if distributed.process_count() > 1:
+                info.update(distributed.topology())
+            write_json(self.path / "DONE", info)
+        distributed.barrier(f"jaxnets-finish-{self.path}")
 
     def info(self) -> dict:
         """The DONE marker's content ({} if unfinished)."""
         return read_json(self.path / "DONE") if self.done else {}
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Append one record to metrics.jsonl (flushed, so a kill loses at most this line)."""
+        """Append one record to metrics.jsonl (flushed, so a kill loses at most this line).
+
+        Only process 0 of a multi-process run writes.
+        """
+        if not distributed.is_main():
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(dict(record), default=_json_default) + "\n")
 
@@ -313,6 +333,7 @@ def build_parser(module: types.ModuleType) -> argparse.ArgumentParser:
     )
     r.add_argument("--devices", type=int, help="data-parallel devices (default: 1)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    distributed.add_flags(p)
     return p
 
 
@@ -343,9 +364,18 @@ def _config_json(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=_json_default))
 
 
-def _default_workdir(name: str) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+def _default_workdir(name: str, now: _dt.datetime | None = None) -> Path:
+    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / name / stamp
+
+
+def _record_topology(run_dir: RunDir) -> None:
+    """Append this start's processes/devices to RUN/topology.json (a resume may differ)."""
+    path = run_dir / "topology.json"
+    starts = read_json(path)["starts"] if path.exists() else []
+    now = _dt.datetime.now().isoformat(timespec="seconds")
+    starts.append({"started": now, **distributed.topology()})
+    write_json(path, {**starts[-1], "starts": starts})
 
 
 def run_experiment(
@@ -384,9 +414,10 @@ def run_experiment(
     path = Path(workdir) if workdir is not None else _default_workdir(name)
     config = _config_json(cfg)
 
+    # Every process checks the directory before process 0 changes it (barrier below).
     if path.exists() and any(path.iterdir()):
         if overwrite:
-            shutil.rmtree(path)
+            pass  # process 0 deletes it after the barrier
         else:
             existing = RunDir(path)
             if existing.done:
@@ -410,9 +441,17 @@ def run_experiment(
                     f"{path} is not empty and is not a run directory (no config.json); "
                     f"choose another --workdir"
                 )
-    run_dir = RunDir(path, devices=devices, progress=progress)
-    if not run_dir.config_path.exists():
-        write_json(run_dir.config_path, config)
+    distributed.barrier(f"jaxnets-checked-{path}")
+    if distributed.is_main():
+        if overwrite and path.exists():
+            shutil.rmtree(path)
+        run_dir = RunDir(path, devices=devices, progress=progress)
+        if not run_dir.config_path.exists():
+            write_json(run_dir.config_path, config)
+        if distributed.process_count() > 1:
+            _record_topology(run_dir)
+    distributed.barrier(f"jaxnets-created-{path}")
+    run_dir = RunDir(path, devices=devices, progress=progress and distributed.is_main())
     t0 = time.perf_counter()
     results = module.run(cfg, run_dir)
     if not isinstance(results, Mapping):
@@ -430,20 +469,45 @@ def main(module: str | types.ModuleType = "__main__", argv: list[str] | None = N
     quick = args.pop("quick", False)
     overwrite = args.pop("overwrite", False)
     workdir = args.pop("workdir", None)
-    devices = args.pop("devices", 1)
+    devices = args.pop("devices", None)
     progress = not args.pop("no_progress", False)
     name = experiment_name(module)
-    if devices != 1:
+    try:
+        settings = distributed.settings_from({k: args.pop(k, None) for k in distributed.FLAG_KEYS})
+    except ValueError as e:
+        parser.error(str(e))
+    multi = distributed.initialize(settings)
+    if multi or devices not in (None, 1):
         import jax
 
+        if multi and devices is None:
+            devices = jax.device_count()
+        if multi and devices != jax.device_count():
+            parser.error(
+                f"--devices {devices}: a multi-process run trains on every device of every "
+                f"process ({jax.process_count()} processes, {jax.device_count()} devices); "
+                f"leave --devices out or pass {jax.device_count()}"
+            )
         if not 1 <= devices <= jax.device_count():
             parser.error(
                 f"--devices {devices}: this machine has {jax.device_count()} "
                 f"{jax.default_backend()} device(s); on CPU, simulate N with "
                 f"XLA_FLAGS=--xla_force_host_platform_device_count=N"
             )
-    path = Path(workdir) if workdir else _default_workdir(name)
-    print(f"[{name}] run directory: {path}", file=sys.stderr)
+    devices = devices or 1
+    main_process = distributed.is_main()
+    if workdir:
+        path = Path(workdir)
+    elif multi:  # one timestamp for all processes: process 0's clock
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        t = multihost_utils.broadcast_one_to_all(np.int32(time.time()))
+        path = _default_workdir(name, _dt.datetime.fromtimestamp(int(t)))
+    else:
+        path = _default_workdir(name)
+    if main_process:
+        print(f"[{name}] run directory: {path}", file=sys.stderr)
     try:
         results = run_experiment(
             module,
@@ -452,15 +516,16 @@ def main(module: str | types.ModuleType = "__main__", argv: list[str] | None = N
             quick=quick,
             overwrite=overwrite,
             devices=devices,
-            progress=progress,
+            progress=progress and main_process,
         )
     except RunError as e:
-        parser.exit(2, f"error: {e}\n")
-    if hasattr(module, "report"):
-        print(module.report(results, RunDir(path)))
-    else:
-        print(json.dumps(results, indent=2))
-    print(f"[{name}] results: {path / 'results.json'}", file=sys.stderr)
+        parser.exit(2, f"error: {e}\n" if main_process else "")
+    if main_process:
+        if hasattr(module, "report"):
+            print(module.report(results, RunDir(path)))
+        else:
+            print(json.dumps(results, indent=2))
+        print(f"[{name}] results: {path / 'results.json'}", file=sys.stderr)
     return results
 
 

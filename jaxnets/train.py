@@ -43,6 +43,7 @@ import optax
 from flax import struct
 from jaxtyping import Array, Float, Int
 
+from jaxnets import distributed
 from jaxnets.runs import RunDir
 
 __all__ = [
@@ -420,8 +421,18 @@ def he_schedule(lr: float, milestones: tuple[int, ...], warmup: int = 0) -> opta
 
 
 def data_mesh(devices: int) -> jax.sharding.Mesh:
-    """1-D mesh over the first ``devices`` devices with axis name ``"data"``."""
+    """1-D mesh over the first ``devices`` devices with axis name ``"data"``.
+
+    In a multi-process run (`jaxnets.distributed`) the mesh spans every device of every
+    process (``jax.devices()`` is the global list, ordered by process), so ``devices`` must
+    be ``jax.device_count()``.
+    """
     available = jax.device_count()
+    if jax.process_count() > 1 and devices != available:
+        raise ValueError(
+            f"devices={devices}: a multi-process run uses every device of every process "
+            f"({jax.process_count()} processes, {available} devices); pass devices={available}"
+        )
     if not 1 <= devices <= available:
         raise ValueError(
             f"devices must be in 1..{available} (jax.device_count() on "
@@ -583,8 +594,42 @@ def _put_batch(batch: Batch, mesh, *, strict: bool):
             raise ValueError(
                 f"batch size {bs} is not divisible by devices={n}; choose a multiple of {n}"
             )
-        return jax.device_put(batch, replicated)
-    return jax.device_put(batch, sharded)
+        sharding = replicated
+    else:
+        sharding = sharded
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    # Multi-process: every process holds the same global batch; each copies only the rows
+    # of its own devices.
+    return jax.tree.map(
+        lambda v: jax.make_array_from_callback(np.shape(v), sharding, lambda ix: np.asarray(v[ix])),
+        batch,
+    )
+
+
+def _train_batch(batch_fn, step: int, mesh) -> Batch:
+    """The global batch of ``step`` on ``mesh``.
+
+    Multi-process with a ``batch_fn`` that has ``size_at(step)`` and ``rows(step, start,
+    stop)`` (`jaxnets.data.Batches`): this process builds only its own rows of the global
+    batch, which is the same examples in the same order as the single-process batch. Any
+    other ``batch_fn`` builds the whole batch on every process and keeps its rows.
+    """
+    if mesh is None or jax.process_count() == 1 or not hasattr(batch_fn, "rows"):
+        return _put_batch(batch_fn(step), mesh, strict=True)
+    n = mesh.devices.size
+    bs = int(batch_fn.size_at(step))
+    if bs % n:
+        raise ValueError(
+            f"batch size {bs} is not divisible by devices={n}; choose a multiple of {n}"
+        )
+    _, sharded = _shardings(mesh)
+    start, stop = distributed.local_rows(sharded, bs)
+    local = batch_fn.rows(step, start, stop)
+    return {
+        k: jax.make_array_from_process_local_data(sharded, np.asarray(v), (bs, *np.shape(v)[1:]))
+        for k, v in local.items()
+    }
 
 
 def evaluate(eval_step, state: TrainState, batches: Iterable[Batch], mesh=None) -> dict:
@@ -651,12 +696,24 @@ class FitResult:
 
 
 def _checkpoint_manager(directory: Path):
+    """orbax manager, the newest 2 kept; saves are atomic (temporary directory + rename).
+
+    Multi-process: every process calls save/restore (orbax synchronises them over the
+    `jax.distributed` client); process 0 is the primary host that writes the metadata and the
+    replicated arrays and commits the rename. ``directory`` must be on a file system that
+    every process sees. A save torn by a kill leaves a temporary directory that the next
+    manager deletes (``cleanup_tmp_directories``); the last finished step is untouched.
+    """
     import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager(
         directory.absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=True, enable_async_checkpointing=False
+            max_to_keep=2,
+            create=True,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0),
         ),
     )
 
@@ -748,6 +805,8 @@ class Trainer:
 
     def steps(self, devices: int = 1):
         """(mesh or None, jitted train step, jitted eval step) for ``devices`` devices."""
+        if jax.process_count() > 1:  # one mesh over every process's devices
+            devices = jax.device_count()
         if devices not in self._steps:
             mesh = data_mesh(devices) if devices > 1 else None
             kw = {"forward": self.forward, "mesh": mesh}
@@ -814,21 +873,25 @@ class Trainer:
         manager = None
         # A state that has taken k updates goes on with step k, so fits chain (phases).
         start = int(state.step)
-        if run_dir is not None:
-            manager = _checkpoint_manager(run_dir.checkpoint_dir)
-            if manager.latest_step() is not None:
-                state = _restore(manager, state)
-                start = int(state.step)
-            # Records past the checkpoint belong to steps that will be redone.
-            history = [r for r in run_dir.metrics() if r.get("step", 0) <= start]
-            tmp = run_dir.metrics_path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-            os.replace(tmp, run_dir.metrics_path)
         # Own copies: the step donates its input, and the caller may still hold `state`
         # (device_put alone may alias the caller's buffers).
         state = jax.tree.map(jnp.array, state)
         if mesh is not None:
             state = jax.device_put(state, _shardings(mesh)[0])
+        if run_dir is not None:
+            manager = _checkpoint_manager(run_dir.checkpoint_dir)
+            if manager.latest_step() is not None:
+                # Restored onto this run's mesh: the replicated state re-shards to any
+                # device count (a resume on another topology continues; topology.json
+                # lists each start).
+                state = _restore(manager, state)
+                start = int(state.step)
+            # Records past the checkpoint belong to steps that will be redone.
+            history = [r for r in run_dir.metrics() if r.get("step", 0) <= start]
+            if distributed.is_main():
+                tmp = run_dir.metrics_path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+                os.replace(tmp, run_dir.metrics_path)
 
         def emit(rec):
             history.append(rec)
@@ -849,7 +912,7 @@ class Trainer:
             total=num_steps,
             initial=start,
             desc=desc,
-            disable=not progress,
+            disable=not progress or not distributed.is_main(),
             dynamic_ncols=True,
             leave=False,
         )
@@ -859,7 +922,7 @@ class Trainer:
         last_ckpt = manager.latest_step() if manager is not None else None
         try:
             for step in range(start, num_steps):
-                batch = _put_batch(batch_fn(step), mesh, strict=True)
+                batch = _train_batch(batch_fn, step, mesh)
                 n_examples += _batch_size(batch)
                 state, metrics = train_step(state, batch)
                 if not float(metrics["finite"]):

@@ -62,7 +62,9 @@ class Batches:
       as_jax: yield `jax.Array`s instead of numpy arrays.
 
     `batch_at(k)` (also `batches(k)`) returns the batch at global step k as a dict with the
-    same keys as `data`; `iterate(start_step, num_steps)` yields batches from a step on.
+    same keys as `data`; `iterate(start_step, num_steps)` yields batches from a step on;
+    `rows(k, start, stop)` is ``batch_at(k)[start:stop]`` alone (what one process of a
+    multi-process run builds, see `jaxnets.train.Trainer.fit`).
     """
 
     def __init__(
@@ -118,6 +120,17 @@ class Batches:
         return _to_jax(batch) if self.as_jax else batch
 
     __call__ = batch_at
+
+    def size_at(self, step: int) -> int:
+        """Number of examples in the batch at global step `step`."""
+        return len(self.indices_at(step))
+
+    def rows(self, step: int, start: int, stop: int) -> dict:
+        """Rows ``[start, stop)`` of the batch at `step`: ``batch_at(step)[start:stop]``,
+        built without the other rows (one process's part of a multi-process batch)."""
+        idx = self.indices_at(step)[start:stop]
+        batch = {k: v[idx] for k, v in self.data.items()}
+        return _to_jax(batch) if self.as_jax else batch
 
     def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict]:
         """Batches for steps start_step, start_step + 1, ... (forever when num_steps is None)."""
