@@ -108,7 +108,9 @@ class Settings:
         if not self.auto and any(v is not None for v in explicit) and None in explicit:
             missing = [
                 f"--{k.replace('_', '-')}"
-                for k, v in zip(("coordinator", "num_processes", "process_id"), explicit)
+                for k, v in zip(
+                    ("coordinator", "num_processes", "process_id"), explicit, strict=True
+                )
                 if v is None
             ]
             raise ValueError(

@@ -236,7 +236,7 @@ def test_validation_mode_scores_on_held_out_training_examples(tmp_path):
     assert results["evaluated_on"].startswith("validation (150")
     for acc in results["default"]["logistic"]:  # a fraction of the 150 held-out examples
         assert abs(acc * 150 - round(acc * 150)) < 1e-3
-    with pytest.raises(ValueError, match=r"validation must be in \[0, 750\].*got 900"):
+    with pytest.raises(ValueError, match=r"validation must be in \[0, 760\].*got 900"):
         runs.run_experiment(
             "mnist1d", {**over, "validation": 900}, workdir=tmp_path / "bad", quick=True,
             progress=False,
