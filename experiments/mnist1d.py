@@ -113,6 +113,29 @@ def _stack(data: dict, members: int) -> dict:
     return {k: np.repeat(v[:, None], members, axis=1) for k, v in data.items()}
 
 
+class EnsembleBatches:
+    """Batch k of every member's `Batches`, stacked: {"x": (batch, members, ...), "y": ...}.
+
+    ``rows(step, start, stop)`` builds only those rows (one process's part of the batch in a
+    multi-process run)."""
+
+    def __init__(self, members: list[Batches]):
+        self.members = members
+
+    @staticmethod
+    def _stack(parts: list[dict]) -> dict:
+        return {k: np.stack([p[k] for p in parts], axis=1) for k in ("x", "y")}
+
+    def __call__(self, step: int) -> dict:
+        return self._stack([b.batch_at(step) for b in self.members])
+
+    def size_at(self, step: int) -> int:
+        return self.members[0].size_at(step)
+
+    def rows(self, step: int, start: int, stop: int) -> dict:
+        return self._stack([b.rows(step, start, stop) for b in self.members])
+
+
 def make_trainer(cfg: Config, model: str) -> tuple[train.Trainer, object]:
     """(trainer, jitted init) for `cfg.seeds` copies of `model`; one per model, so the default
     and shuffled runs share the compiled steps (same shapes)."""
@@ -137,14 +160,9 @@ def train_ladder_rung(
         train_data, test_data = (
             {k: v[:n] for k, v in ds.train.items()}, {k: v[n:] for k, v in ds.train.items()}
         )  # fmt: skip
-    members = [
-        Batches(train_data, cfg.batch_size, seed=1000 * cfg.seed + m) for m in range(cfg.seeds)
-    ]
-
-    def batch_fn(step: int) -> dict:
-        bs = [b.batch_at(step) for b in members]
-        return {k: np.stack([b[k] for b in bs], axis=1) for k in ("x", "y")}
-
+    batch_fn = EnsembleBatches(
+        [Batches(train_data, cfg.batch_size, seed=1000 * cfg.seed + m) for m in range(cfg.seeds)]
+    )
     test, train_set = _stack(test_data, cfg.seeds), _stack(train_data, cfg.seeds)
     state = init(jax.random.key(cfg.seed), batch_fn(0))
     result = trainer.fit(
