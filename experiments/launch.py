@@ -216,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="passed on: seconds before a silent process is declared dead (jax default 100)",
     )
-    p.add_argument("module", help="experiment module, e.g. experiments.demo (or demo)")
+    p.add_argument(
+        "module",
+        help="experiment module, e.g. experiments.demo (or demo); the launcher's flags go "
+        "before it, everything after it is passed to the experiment",
+    )
     p.add_argument("args", nargs=argparse.REMAINDER, help="the experiment's own flags")
     return p
 
