@@ -519,7 +519,24 @@ def main(module: str | types.ModuleType = "__main__", argv: list[str] | None = N
             progress=progress and main_process,
         )
     except RunError as e:
-        parser.exit(2, f"error: {e}\n" if main_process else "")
+        if multi:  # same error on every process; exit at once (see below)
+            if main_process:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
+        parser.exit(2, f"error: {e}\n")
+    except BaseException:
+        if not multi:
+            raise
+        # A normal exit would wait in jax.distributed's shutdown barrier for the processes
+        # that are still training (up to its 300 s timeout). Exit now: the others see this
+        # process's heartbeats stop and abort too, naming it.
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     if main_process:
         if hasattr(module, "report"):
             print(module.report(results, RunDir(path)))
