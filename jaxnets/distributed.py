@@ -205,6 +205,14 @@ def initialize(settings: Settings) -> bool:
         )
     try:
         jax.distributed.initialize(**kw)
+    except ValueError as e:
+        if not settings.auto:
+            raise
+        raise ValueError(
+            f"--distributed: no cluster found to read the coordinator, process count and id "
+            f"from (SLURM, Open MPI, Kubernetes, Cloud TPU are detected): {e}; outside a "
+            f"cluster pass --coordinator HOST:PORT --num-processes N --process-id I"
+        ) from e
     except RuntimeError as e:
         raise RuntimeError(
             f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kw.items())}) "

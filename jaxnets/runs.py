@@ -476,7 +476,10 @@ def main(module: str | types.ModuleType = "__main__", argv: list[str] | None = N
         settings = distributed.settings_from({k: args.pop(k, None) for k in distributed.FLAG_KEYS})
     except ValueError as e:
         parser.error(str(e))
-    multi = distributed.initialize(settings)
+    try:
+        multi = distributed.initialize(settings)
+    except (ValueError, RuntimeError) as e:
+        parser.error(str(e))
     if multi or devices not in (None, 1):
         import jax
 
