@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import data, plots, runs, train
+from jaxnets import data, distributed, plots, runs, train
 from jaxnets.models.readout import RecurrentReadout
 
 TOUR_ORDER = 61
@@ -204,7 +204,8 @@ def _plots(cfg: Config, results: dict, run_dir: runs.RunDir) -> None:
     ax.set_ylabel("test MSE (1000 sequences)")
     ax.set_title("Adding problem")
     ax.legend(fontsize=8)
-    fig.savefig(run_dir.plot_path("adding_mse"), dpi=110)
+    if distributed.is_main():  # one writer in a multi-process run
+        fig.savefig(run_dir.plot_path("adding_mse"), dpi=110)
     plt.close(fig)
     for T in cfg.lengths:
         recs = {cell: run_dir.sub(f"T{T}-{cell}").metrics() for cell in cfg.cells}

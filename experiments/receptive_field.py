@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import data, plots, runs, train
+from jaxnets import data, distributed, plots, runs, train
 from jaxnets.models.common import conv
 from jaxnets.models.probes import receptive_field
 from jaxnets.models.vgg import VGGSmallHead, VGGStage
@@ -229,7 +229,8 @@ def _plots(stacks: dict, training: dict, run_dir: runs.RunDir) -> None:
         ax.set_yticks([])
     fig.suptitle("|d y_centre / d x| over the input (normalised); support = receptive field")
     fig.tight_layout()
-    fig.savefig(run_dir.plot_path("receptive_fields"), dpi=100)
+    if distributed.is_main():  # one writer in a multi-process run
+        fig.savefig(run_dir.plot_path("receptive_fields"), dpi=100)
     plt.close(fig)
     labels = {n: f"{n}\n{t['params']:,} p" for n, t in training.items()}
     plots.bars(

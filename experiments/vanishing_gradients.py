@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import bptt, data, plots, runs, train
+from jaxnets import bptt, data, distributed, plots, runs, train
 from jaxnets.models.readout import RecurrentReadout, readout_parts
 
 TOUR_ORDER = 60
@@ -279,7 +279,8 @@ def _plots(cfg: Config, out: dict, svals: dict, run_dir: runs.RunDir) -> None:
     )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.savefig(run_dir.plot_path("sigma_sweep"), dpi=110)
+    if distributed.is_main():  # one writer in a multi-process run
+        fig.savefig(run_dir.plot_path("sigma_sweep"), dpi=110)
     plt.close(fig)
     names = list(svals)
     cols = min(4, len(names))
@@ -298,7 +299,8 @@ def _plots(cfg: Config, out: dict, svals: dict, run_dir: runs.RunDir) -> None:
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, label="log10 singular value of J_t", shrink=0.8)
-    fig.savefig(run_dir.plot_path("jacobian_singular_values"), dpi=100)
+    if distributed.is_main():  # one writer in a multi-process run
+        fig.savefig(run_dir.plot_path("jacobian_singular_values"), dpi=100)
     plt.close(fig)
     recs = {label: run_dir.sub(f"spike-{label}").metrics() for label in out["spikes"]}
     plots.metric_curves(
