@@ -242,14 +242,9 @@ def test_write_audit_catches_writes(tmp_path, capsys):
     import builtins
     import io
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        from fixtures import distributed_job
-    finally:
-        sys.path.pop(0)
     saved = builtins.open, io.open, os.replace
     try:
-        distributed_job._audit(tmp_path / "run")
+        _job_module()._audit(tmp_path / "run")
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "a.json").write_text("{}")
         os.replace(tmp_path / "run" / "a.json", tmp_path / "run" / "b.json")
@@ -287,11 +282,20 @@ def _assert_same_training(a: Path, b: Path) -> None:
             assert abs(x[k] - y[k]) <= 1e-4 * abs(y[k]) + 1e-6, (x["step"], k)
 
 
+def _job_module():
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from fixtures import distributed_job
+    finally:
+        sys.path.pop(0)
+    return distributed_job
+
+
 def test_two_processes_equal_one_process_and_only_process_0_writes(tmp_path):
     m = multi(tmp_path / "multi", "--audit-writes", "1")
-    s = single(tmp_path / "single")
+    # the reference: the same job here, in one process, on 4 of the suite's 8 CPU devices
+    runs.run_experiment(_job_module(), workdir=tmp_path / "single", devices=4, progress=False)
     ok(m)
-    ok(s)
     _assert_same_training(tmp_path / "multi", tmp_path / "single")
     # process 1 printed nothing (gloo's connection chatter aside) and wrote no run file
     assert noise_free(m.text(1)) == [], m.text(1)
