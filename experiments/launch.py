@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,8 +26,15 @@ import threading
 import time
 from collections.abc import Sequence
 
-# Connection chatter the gloo library prints to stdout in every process.
+# Connection chatter the gloo library prints to stdout in every process (its threads can
+# interleave two messages, so a line may lose its "[Gloo] " prefix).
 NOISE = ("[Gloo] ",)
+_NOISE_RE = re.compile(r"(\[Gloo\] )?(Rank )?\d+ is connected to \d+ peer ranks")
+
+
+def is_noise(line: str) -> bool:
+    """True for gloo's connection messages."""
+    return line.startswith(NOISE) or bool(_NOISE_RE.match(line))
 
 
 def free_port() -> int:
@@ -84,7 +92,7 @@ def command(
 def _pump(stream, out, prefix: str) -> None:
     for line in iter(stream.readline, b""):
         text = line.decode(errors="replace")
-        if text.startswith(NOISE):
+        if is_noise(text):
             continue
         out.write(prefix + text)
         out.flush()

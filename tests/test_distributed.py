@@ -134,7 +134,7 @@ def wait_for_checkpoint(workdir: Path, step: int, job: Job, timeout: float = TIM
 
 def noise_free(text: str) -> list[str]:
     """Output lines other than the gloo library's connection messages."""
-    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(launch.NOISE)]
+    return [ln for ln in text.splitlines() if ln.strip() and not launch.is_noise(ln)]
 
 
 # --- unit checks (in this process) ---------------------------------------------------------
@@ -235,6 +235,9 @@ def test_launcher_command_and_environment():
     assert env["JAX_PLATFORMS"] == "cpu" and env["XLA_FLAGS"] == "--xla_foo=1"
     with pytest.raises(SystemExit):
         launch.main(["--processes", "2", "demo", "--process-id", "1"])
+    assert launch.is_noise("[Gloo] Rank 1 is connected to 3 peer ranks. Expected ...")
+    assert launch.is_noise("3 is connected to 3 peer ranks. Expected number of ...")
+    assert not launch.is_noise("Traceback (most recent call last):")
 
 
 def test_write_audit_catches_writes(tmp_path, capsys):
