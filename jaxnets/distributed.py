@@ -21,7 +21,8 @@ coordinator (process 0). When a process has been silent for ``heartbeat_timeout`
 (default 100, ``--heartbeat-timeout``) the service declares it dead and every surviving
 process aborts (exit status 134, SIGABRT) with ``Terminating process because the JAX
 distributed service detected fatal errors ... The following tasks are unhealthy (stopped
-sending heartbeats): I``, which names the lost process id ``I``. Checkpoints are written
+sending heartbeats): I``, which names the lost process id ``I``; a process that is inside a
+CPU all-reduce at that moment stops sooner with gloo's ``Connection closed by peer`` error. Checkpoints are written
 atomically (temporary directory + rename), so the last finished one survives.
 
 Settings come from flags (``--coordinator HOST:PORT --num-processes N --process-id I``,

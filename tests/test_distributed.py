@@ -355,9 +355,13 @@ def test_killing_one_worker_stops_the_other_within_the_heartbeat_timeout(tmp_pat
     waited = time.monotonic() - t0
     err = job.text(0)
     assert code != 0
-    # jax's coordination service names the silent task (process id 1)
-    assert "The following tasks are unhealthy (stopped sending heartbeats)" in err, err[-2000:]
-    assert "unhealthy (stopped sending heartbeats):\n1\n" in err, err[-2000:]
+    # Either jax's coordination service names the silent task (process id 1), or, sooner,
+    # the gloo all-reduce in flight fails on the closed connection (both seen here).
+    heartbeat_msg = "The following tasks are unhealthy (stopped sending heartbeats):\n1\n"
+    gloo_msg = "Gloo all-reduce failed"
+    assert heartbeat_msg in err or (gloo_msg in err and "Connection closed by peer" in err), err[
+        -2000:
+    ]
     assert waited <= heartbeat + 20, waited
     # nothing is corrupted: the files parse, and restarting both resumes to the same end
     assert not (wd / "DONE").exists()
