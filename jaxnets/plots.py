@@ -90,15 +90,21 @@ def lines(
     logx: bool = False,
     logy: bool = False,
     bands: Mapping[str, Sequence | np.ndarray] | None = None,
+    errors: Mapping[str, Sequence | np.ndarray] | None = None,
 ) -> Path:
-    """Line plot of ``{label: y}`` against shared ``xs``; ``bands[label]`` draws y +- band."""
+    """Line plot of ``{label: y}`` against shared ``xs``; ``bands[label]`` draws y +- band
+    as a shaded area, ``errors[label]`` as error bars."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     xs = np.asarray(xs)
     for label, y in ys.items():
         y = np.asarray(y, dtype=float)
         if y.shape != xs.shape:
             raise ValueError(f"lines: series {label!r} has shape {y.shape}, xs has {xs.shape}")
-        ax.plot(xs, y, label=label)
+        if errors and label in errors:
+            e = np.asarray(errors[label], dtype=float)
+            ax.errorbar(xs, y, yerr=e, label=label, marker="o", ms=3, capsize=3)
+        else:
+            ax.plot(xs, y, label=label)
         if bands and label in bands:
             b = np.asarray(bands[label], dtype=float)
             ax.fill_between(xs, y - b, y + b, alpha=0.2)

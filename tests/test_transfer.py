@@ -428,3 +428,88 @@ def test_configure_errors(key):
     other = _vgg(5).init(key, jnp.zeros((1, 8, 8, 1)))
     with pytest.raises(ValueError, match=r"params/head/logits/bias has shape \(5,\)"):
         setup.init_state(key, other)
+
+
+# --- many small fits: fit_members ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, cfg, opt",
+    [("per_group_lr", {"unfreeze_every": 2}, "sgd"), ("per_group_lr", {"unfreeze_every": 2}, "adam"),
+     ("freeze", {}, "adam")],
+    ids=["per_group_lr+gradual-sgd", "per_group_lr+gradual-adam", "freeze-adam"],
+)  # fmt: skip
+def test_fit_members_equals_separate_runs_at_each_rate(key, method, cfg, opt):
+    """Each member ends where an ordinary setup.fit at its own learning rate ends (reference:
+    the setup configured at that rate, so no rate trick), on its own data and batches.
+
+    With Adam the conv biases in front of a training BatchNorm are left out: BN removes them,
+    so their gradient is float32 rounding noise that Adam normalises into +-lr steps (and so
+    the running mean after them); every other parameter and statistic must agree."""
+    model = _vgg()
+    rates, steps = (1e-2, 3e-3), 6
+    inits = [model.init(jax.random.key(20 + m), jnp.zeros((1, 8, 8, 1))) for m in range(2)]
+    sets = [_images(12, seed=m) for m in range(2)]
+    orders = [data.Batches({"i": np.arange(12)}, 4, seed=m) for m in range(2)]
+    index = np.stack([[o.batch_at(k)["i"] for o in orders] for k in range(steps)])
+    tc = transfer.TransferConfig(method, new=("stage2", "head"), **cfg)
+    unit = transfer.configure(tc, GROUPS, inits[0], optimizer=opt, learning_rate=1.0)
+    evals = {"a": sets[0], "b": _images(7, seed=5)}
+
+    def noisy(path):  # conv bias before a BatchNorm in training mode, and what it shifts
+        return opt == "adam" and (path.endswith("conv0/bias") or path.endswith("bn0/mean"))
+
+    res = transfer.fit_members(
+        unit, model, jax.tree.map(lambda *a: np.stack(a), *inits),
+        np.stack([s["x"] for s in sets]), np.stack([s["y"] for s in sets]), index,
+        np.array(rates), key=key, eval_sets=evals, eval_every=3, snapshots=True,
+    )  # fmt: skip
+    assert res.eval_steps == (3, 6) and res.accuracy["b"].shape == (2, 2)
+    for m in range(2):
+        ref = transfer.configure(tc, GROUPS, inits[m], optimizer=opt, learning_rate=rates[m])
+        batches = lambda k, m=m: {kk: v[orders[m].batch_at(k)["i"]] for kk, v in sets[m].items()}  # noqa: E731
+        state = ref.init_state(key, inits[m])
+        for end in (3, 6):
+            state = ref.fit(model, train.cross_entropy_loss, state, batches, end,
+                            progress=False).state  # fmt: skip
+            e = end // 3 - 1
+            got = transfer.member(res.snapshots[e], m)
+            # a wrong rate or phase would move parameters by ~lr = 1e-2 / 3e-3 per step
+            want_flat = transfer.flatten_paths(state.variables)
+            for path, a in transfer.flatten_paths(got).items():
+                if not noisy(path):
+                    np.testing.assert_allclose(a, want_flat[path], rtol=1e-4, atol=1e-6,
+                                               err_msg=path)  # fmt: skip
+            for name, d in evals.items():  # accuracy: argmax of the snapshot's logits
+                logits = model.apply(got, d["x"], train=False)
+                want = float(np.mean(np.argmax(logits, -1) == d["y"]))
+                np.testing.assert_allclose(res.accuracy[name][e, m], want)
+        final = transfer.member(res.state, m)
+        assert train.tree_equal(final.params, got["params"])
+
+
+def test_fit_members_errors(key):
+    model = _vgg()
+    v = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    stacked = jax.tree.map(lambda a: np.stack([a, a]), v)
+    x, y = np.zeros((2, 4, 8, 8, 1), np.float32), np.zeros((2, 4), np.int32)
+    index = np.zeros((4, 2, 2), np.int32)
+    tc = transfer.TransferConfig("finetune")
+    unit = transfer.configure(tc, GROUPS, v, learning_rate=1.0)
+    args = dict(key=key, eval_sets={}, eval_every=2)
+    slow = transfer.configure(tc, GROUPS, v, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="learning_rate=1.0"):
+        transfer.fit_members(slow, model, stacked, x, y, index, np.ones(2), **args)
+    with pytest.raises(ValueError, match=r"learning_rates must be \(2,\)"):
+        transfer.fit_members(unit, model, stacked, x, y, index, np.ones(3), **args)
+    with pytest.raises(ValueError, match=r"batch_index must lie in \[0, 4\)"):
+        transfer.fit_members(unit, model, stacked, x, y, index + 4, np.ones(2), **args)
+    with pytest.raises(ValueError, match="batch_index must be ints"):
+        transfer.fit_members(unit, model, stacked, x, y, index[0], np.ones(2), **args)
+    with pytest.raises(ValueError, match="train_x"):
+        transfer.fit_members(unit, model, stacked, x[:1], y, index, np.ones(2), **args)
+    with pytest.raises(ValueError, match="leading member axis of 2"):
+        transfer.fit_members(unit, model, v, x, y, index, np.ones(2), **args)
+    with pytest.raises(ValueError, match=r"divide num_steps \(4\), got 3"):
+        transfer.fit_members(unit, model, stacked, x, y, index, np.ones(2),
+                             **{**args, "eval_every": 3})  # fmt: skip

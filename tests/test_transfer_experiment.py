@@ -1,4 +1,5 @@
-"""experiments.transfer: the quick run end to end, the settings, and the bar check."""
+"""experiments.transfer: the quick run end to end (selection on validation, not test), the
+settings, the validation split and the bar check."""
 
 import importlib
 
@@ -7,58 +8,114 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnets import runs, transfer
+from jaxnets import data, runs
 
 exp = importlib.import_module("experiments.transfer")
 
 
 def test_quick_run_end_to_end(tmp_path):
     results = runs.run_experiment("transfer", workdir=tmp_path / "r", quick=True, progress=False)
-    r = results["digits"]
-    assert r["labels_per_class"] == [5] and r["train_sizes"] == [25]
-    for m in transfer.METHODS:
+    cfg = exp.Config(**exp.QUICK)
+    r = results["mnist_new_classes"]
+    assert r["labels_per_class"] == [2] and r["network"] == "vgg"
+    assert r["validation"] == 5 * cfg.val_per_class and r["test"] == 500
+    assert r["train_pool"] == 2000 - r["validation"]
+    for m in exp.METHODS:
         assert len(r[m]) == 1 and 0.0 <= r[m][0] <= 1.0
-        assert r[f"{m}_std"] == [0.0]  # one seed
+        seeds = np.asarray(r[f"{m}_seeds"])  # (labels, seeds)
+        assert seeds.shape == (1, cfg.seeds)
+        np.testing.assert_allclose(r[m][0], seeds.mean())
+        np.testing.assert_allclose(r[f"{m}_se"][0], seeds.std(ddof=1) / np.sqrt(cfg.seeds))
+        # the chosen point is the argmax of the validation accuracy (mean over seeds) of the
+        # cell's grid, recomputed here from the stored grid
+        cell = runs.RunDir(tmp_path / "r" / f"mnist_new_classes-{m}-2").results()
+        val = np.asarray(cell["val"])  # (evals, seeds, lrs)
+        assert val.shape == (cfg.steps // cfg.eval_every, cfg.seeds, len(cfg.lrs))
+        e, k = np.unravel_index(np.argmax(val.mean(1)), val.shape[::2])
+        chosen = r["chosen"][m][0]
+        assert chosen == {"lr": pytest.approx(cfg.lrs[k]), "steps": (e + 1) * cfg.eval_every,
+                          "val": pytest.approx(val.mean(1).max())}  # fmt: skip
+        assert cell["train_size"] == 2 * 5
     assert r["new_groups"] == ["stage3", "head"]
-    assert sum(g["params"] for g in r["groups"]) == r["params"]
-    # the pretraining checkpoint is a real orbax checkpoint that load_checkpoint reads
-    pre = transfer.load_checkpoint(tmp_path / "r" / "digits-pretrain-seed0")
-    assert set(pre) == {"params", "batch_stats"}
-    assert (tmp_path / "r" / "accuracy_digits.png").stat().st_size > 0
+    assert (tmp_path / "r" / "accuracy_mnist_new_classes.png").stat().st_size > 0
+    assert set(results["bar"]["passed"]) == {"mnist_new_classes"}
     md = exp.report(results, runs.RunDir(tmp_path / "r"))
-    assert "| freeze |" in md and "accuracy_digits.png" in md and "Bar" in md
+    assert "| gradual |" in md and "accuracy_mnist_new_classes.png" in md and "Bar" in md
 
 
 def test_settings_and_models():
-    for name, shape in (("digits", (8, 8, 1)), ("mnist1d", (40, 1))):
-        source, target = exp.load_setting(name)
-        assert set(np.unique(source.y_train)) == set(range(5))
-        assert set(np.unique(target.y_train)) == set(range(5))  # 5-9 relabelled
+    cfg = exp.Config()
+    for name, shape, classes in (
+        ("mnist_new_classes", (28, 28, 1), (5, 5)), ("mnist_to_digits", (28, 28, 1), (10, 10)),
+        ("digits_to_mnist", (28, 28, 1), (10, 10)), ("mnist1d", (40, 1), (5, 5)),
+    ):  # fmt: skip
+        source, target = exp.load_setting(cfg, name)
+        assert (source.num_classes, target.num_classes) == classes
+        assert set(np.unique(source.y_train)) == set(range(classes[0]))
+        assert set(np.unique(target.y_test)) == set(range(classes[1]))
         assert source.x_train.shape[1:] == target.x_test.shape[1:] == shape
-        model = exp.make_model(exp.Config(), name)
-        logits = jax.eval_shape(lambda x, m=model: m.init_with_output(jax.random.key(0), x)[0],
-                                jnp.zeros((2, *shape)))  # fmt: skip
-        assert logits.shape == (2, 5)
-    with pytest.raises(ValueError, match="dataset"):
-        exp.load_setting("cifar")
+        for network in exp.NETWORKS if len(shape) == 3 else ("vgg",):
+            model = exp.make_model(cfg, network, target.num_classes, len(shape) - 1)
+            logits = jax.eval_shape(lambda x, m=model: m.init_with_output(jax.random.key(0), x)[0],
+                                    jnp.zeros((2, *shape)))  # fmt: skip
+            assert logits.shape == (2, target.num_classes)
+            v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+            groups, new, keep = exp.make_groups(cfg, network)
+            assert groups.labels(v["params"])  # every parameter is in a group
+            assert new == ("stage3", "head") and "features/stage1" in keep
+    # setting 1's target is digits 5-9 relabelled, real MNIST images
+    full = data.load_mnist5k()
+    _, target = exp.load_setting(cfg, "mnist_new_classes")
+    np.testing.assert_array_equal(target.x_test[target.y_test == 2], full.x_test[full.y_test == 7])
+    with pytest.raises(ValueError, match="setting"):
+        exp.load_setting(cfg, "cifar")
     with pytest.raises(ValueError, match="new_stages"):
-        exp.make_groups(exp.Config(new_stages=3))
+        exp.make_groups(exp.Config(new_stages=3), "vgg")
+    with pytest.raises(ValueError, match="mnist-full.*data_dir"):
+        exp.load_setting(exp.Config(data="mnist-full"), "mnist_new_classes")
+
+
+def test_validation_split_is_disjoint_from_few_shot_pool_and_test():
+    cfg = exp.Config(val_per_class=30)
+    _, target = exp.load_setting(cfg, "mnist_to_digits")
+    val, pool = exp.split_validation(cfg, target)
+    assert np.bincount(target.y_train[val]).tolist() == [30] * 10
+    assert not set(val) & set(pool) and len(val) + len(pool) == len(target.y_train)
+    again, _ = exp.split_validation(cfg, target)
+    np.testing.assert_array_equal(val, again)
+
+
+def test_run_rejects_bad_config(tmp_path):
+    for bad, match in (({"settings": ("cifar",)}, "unknown"), ({"methods": ("magic",)}, "unknown"),
+                       ({"lrs": (0.0,)}, "lrs"), ({"eval_every": 7, "steps": 5}, "eval_every"),
+                       ({"data": "emnist"}, "data"), ({"labels_per_class": (0,)}, "labels")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            exp.run(exp.Config(**bad), runs.RunDir(tmp_path / "x"))
 
 
 def test_bar_check_closed_form():
-    def entry(scratch, finetune, freeze, sd):
-        r = {"labels_per_class": [5, 20, 50, "all"]}
+    def entry(scratch, finetune, freeze, se, labels=(1, 2, 5, 10)):
+        r = {"labels_per_class": list(labels)}
         for m, v in (("scratch", scratch), ("finetune", finetune), ("freeze", freeze),
-                     ("per_group_lr", finetune)):  # fmt: skip
-            r[m], r[f"{m}_std"] = [v] * 4, [sd] * 4
+                     ("per_group_lr", scratch)):  # fmt: skip
+            r[m], r[f"{m}_se"] = [v] * len(labels), [se] * len(labels)
         return r
 
-    # gain 0.15 > 2 * hypot(0.03, 0.03) = 0.085 and >= 0.10: passes; label counts > 20 ignored
-    bar = exp.check_bar({"digits": entry(0.6, 0.75, 0.75, 0.03)})
-    assert bar["passed"] and [c["labels_per_class"] for c in bar["digits"]["freeze"]] == [5, 20]
-    np.testing.assert_allclose(bar["digits"]["finetune"][0]["std"], np.hypot(0.03, 0.03))
-    # big gain but too noisy (2 std = 0.17 > 0.15), or significant but under 10 points
-    assert not exp.check_bar({"digits": entry(0.6, 0.75, 0.75, 0.06)})["passed"]
-    assert not exp.check_bar({"digits": entry(0.6, 0.69, 0.75, 0.0)})["passed"]
-    # only digits decides; MNIST-1D is reported alongside
-    assert not exp.check_bar({"mnist1d": entry(0.6, 0.75, 0.75, 0.0)})["passed"]
+    # best method freeze: gain 0.10 >= 0.05 and > 2 * hypot(0.02, 0.02) = 0.057: passes at
+    # 1, 2 and 5 labels; 10 labels is not part of the bar
+    bar = exp.check_bar({"mnist_new_classes": entry(0.5, 0.55, 0.6, 0.02)})
+    rows = bar["mnist_new_classes"]
+    assert bar["passed"] == {"mnist_new_classes": True} and [
+        c["labels_per_class"] for c in rows
+    ] == [1, 2, 5]
+    assert rows[0]["best"] == "freeze"
+    np.testing.assert_allclose(rows[0]["se"], np.hypot(0.02, 0.02))
+    # a large gain that is too noisy (2 SE = 0.113 > 0.10), or significant but under 5 points
+    assert not exp.check_bar({"mnist_to_digits": entry(0.5, 0.5, 0.6, 0.04)})["passed"][
+        "mnist_to_digits"
+    ]
+    assert not exp.check_bar({"mnist_to_digits": entry(0.5, 0.54, 0.54, 0.0)})["passed"][
+        "mnist_to_digits"
+    ]
+    # the third setting and MNIST-1D are reported, not part of the bar
+    assert exp.check_bar({"digits_to_mnist": entry(0.5, 0.6, 0.6, 0.0)})["passed"] == {}
