@@ -86,7 +86,7 @@ class Config:
 
     seed: int = 0
     settings: tuple[str, ...] = SETTINGS
-    networks: tuple[str, ...] = ("vgg", "resnet")
+    networks: tuple[str, ...] = ("vgg",)
     resnet_settings: tuple[str, ...] = ("mnist_new_classes",)
     data: str = "mnist5k"
     data_dir: str = ""
@@ -94,16 +94,16 @@ class Config:
     labels_per_class_cross: tuple[int, ...] = (1, 2, 5, 10)
     methods: tuple[str, ...] = METHODS
     seeds: int = 5
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    steps: int = 80
-    eval_every: int = 20
-    batch_size: int = 32
+    lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    steps: int = 150
+    eval_every: int = 30
+    batch_size: int = 16
     val_per_class: int = 30
     widths: tuple[int, ...] = (16, 32, 64)
     new_stages: int = 1
     lr_factor: float = 0.1
-    unfreeze_every: int = 20
-    pretrain_steps: int = 600
+    unfreeze_every: int = 30
+    pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
 
 
@@ -113,8 +113,8 @@ QUICK = {
     "pretrain_steps": 10, "val_per_class": 5, "unfreeze_every": 2,
 }  # fmt: skip
 TOUR = {
-    "settings": ("mnist_new_classes",), "networks": ("vgg",), "labels_per_class": (1, 5),
-    "seeds": 3, "pretrain_steps": 400,
+    "settings": ("mnist_new_classes",), "labels_per_class": (1, 5), "seeds": 2, "steps": 90,
+    "pretrain_steps": 400,
 }  # fmt: skip
 
 
@@ -140,7 +140,7 @@ def _mnist(cfg: Config, classes=None, relabel: bool = False) -> data.Dataset:
 def load_setting(cfg: Config, name: str) -> tuple[data.Dataset, data.Dataset]:
     """(source, target) of a setting; images (n, 28, 28, 1), MNIST-1D (n, 40, 1)."""
     if name == "mnist_new_classes":
-        return _mnist(cfg, LOW), _mnist(cfg, HIGH, relabel=True)
+        return _mnist(cfg, LOW, relabel=True), _mnist(cfg, HIGH, relabel=True)
     if name in ("mnist_to_digits", "digits_to_mnist"):
         mnist, digits = _mnist(cfg), data.load_digits(size=IMAGE_SIZE)
         return (mnist, digits) if name == "mnist_to_digits" else (digits, mnist)
