@@ -119,3 +119,21 @@ def test_bar_check_closed_form():
     ]
     # the third setting and MNIST-1D are reported, not part of the bar
     assert exp.check_bar({"digits_to_mnist": entry(0.5, 0.6, 0.6, 0.0)})["passed"] == {}
+
+
+def test_mnist_full_reads_the_idx_files(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_data import write_mnist_dir
+
+    write_mnist_dir(tmp_path, n_train=400, n_test=50, seed=3)
+    cfg = exp.Config(data="mnist-full", data_dir=str(tmp_path))
+    full = data.load_mnist(tmp_path)
+    source, target = exp.load_setting(cfg, "mnist_new_classes")
+    assert source.num_classes == target.num_classes == 5
+    low = np.isin(full.y_train, range(5))
+    np.testing.assert_array_equal(source.x_train, full.x_train[low])
+    np.testing.assert_array_equal(target.y_test, full.y_test[full.y_test >= 5] - 5)
+    src, tgt = exp.load_setting(cfg, "digits_to_mnist")
+    assert src.name == "digits" and tgt.x_train.shape == full.x_train.shape
