@@ -95,7 +95,7 @@ class Config:
     methods: tuple[str, ...] = METHODS
     seeds: int = 5
     lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
-    steps: int = 150
+    steps: int = 120
     eval_every: int = 30
     batch_size: int = 16
     val_per_class: int = 30
@@ -103,7 +103,7 @@ class Config:
     new_stages: int = 1
     lr_factor: float = 0.1
     unfreeze_every: int = 30
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
 
 
