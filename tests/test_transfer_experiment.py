@@ -137,3 +137,19 @@ def test_mnist_full_reads_the_idx_files(tmp_path):
     np.testing.assert_array_equal(target.y_test, full.y_test[full.y_test >= 5] - 5)
     src, tgt = exp.load_setting(cfg, "digits_to_mnist")
     assert src.name == "digits" and tgt.x_train.shape == full.x_train.shape
+
+
+def test_bar_check_paired_standard_error():
+    # per-seed accuracies: the arms differ by exactly 0.06 on every seed, while the seeds
+    # spread by +-0.1: the unpaired SE is large, the paired one zero
+    seeds = np.array([0.4, 0.5, 0.6, 0.7, 0.8])
+    r = {"labels_per_class": [1]}
+    for m, shift in (("scratch", 0.0), ("finetune", 0.06), ("freeze", 0.0), ("per_group_lr", 0.0)):
+        a = seeds + shift
+        r[m], r[f"{m}_se"], r[f"{m}_seeds"] = [a.mean()], [a.std(ddof=1) / np.sqrt(5)], [a.tolist()]
+    bar = exp.check_bar({"mnist_new_classes": r})
+    (row,) = bar["mnist_new_classes"]
+    assert row["best"] == "finetune" and not row["passed"]
+    np.testing.assert_allclose(row["se"], np.hypot(*[seeds.std(ddof=1) / np.sqrt(5)] * 2))
+    np.testing.assert_allclose(row["se_paired"], 0.0, atol=1e-12)
+    assert row["passed_paired"] and bar["passed_paired"] == {"mnist_new_classes": True}
