@@ -80,8 +80,12 @@ class Config:
 
     Command line: ``python -m experiments.transfer [--seeds 5] [--settings mnist_new_classes]
     [--networks vgg] [--data mnist-full --data-dir DIR]``
-    Runtime: see the README (measured on 2 shared CPU cores); ``--quick``: about 20 s.
-    Expected: see the README's transfer section (the tables of the default run).
+    Runtime: 22.5 min wall (1468 s user CPU) on 2 shared CPU cores; ``--quick``: about
+    45 s CPU (mostly compilation); the tour (setting 1 at 1 and 5 labels, 2 seeds): ~2 min.
+    Expected (measured, test accuracy, mean over 5 seeds, scratch vs the best of finetune /
+    freeze / per_group_lr): setting 1 at 1 / 2 / 5 labels 0.346 / 0.515 / 0.720 vs 0.442 /
+    0.656 / 0.807; setting 2 0.459 / 0.710 / 0.788 vs 0.539 / 0.754 / 0.858; every cell and
+    the bar in the README's transfer section.
     """
 
     seed: int = 0
@@ -223,7 +227,8 @@ def pretrain(cfg: Config, model, source: data.Dataset, sub: runs.RunDir) -> dict
         desc="pretrain",
     )  # fmt: skip
     acc = trainer.evaluate(res.state, data.eval_batches(source.test, 250))["accuracy"]
-    return {"source_accuracy": acc}
+    return {"source_accuracy": acc, "wall_s": res.wall_s, "cpu_s": res.cpu_s,
+            "params": res.num_params}  # fmt: skip
 
 
 _CORRECT: dict = {}
