@@ -261,8 +261,8 @@ def run_cell(cfg, model, setup, target, pool, val, init_vars, n) -> dict:
         xs.append(target.x_train[pick])
         ys.append(target.y_train[pick])
         b = min(cfg.batch_size, len(pick))
-        order = data.Batches({"i": np.arange(len(pick))}, b, seed=cfg.seed + s)
-        index.append(np.stack([order.batch_at(k)["i"] for k in range(cfg.steps)]))
+        order = data.Batches({"y": ys[-1]}, b, seed=cfg.seed + s)
+        index.append(np.stack([order.indices_at(k) for k in range(cfg.steps)]))
     rep = len(lrs)  # member m = seed * len(lrs) + lr index
     res = transfer.fit_members(
         setup, model, _stack([v for v in init_vars for _ in range(rep)]),
