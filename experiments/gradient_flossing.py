@@ -66,7 +66,7 @@ class Config:
     eval_every: int = 250
     floss_k: int = 40
     floss_target: float = 0.0
-    floss_qr_every: int = 1
+    floss_qr_every: int = 3
     floss_len: int = 60
     floss_burn_in: int = 10
     floss_batch: int = 1
