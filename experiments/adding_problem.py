@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import data, distributed, plots, runs, train
+from jaxnets import data, distributed, flossing, plots, runs, train
 from jaxnets.models.readout import RecurrentReadout
 
 TOUR_ORDER = 61
@@ -43,7 +43,8 @@ class Config:
     LSTM sits on the 0.167 plateau for ~1000 (T = 100) / ~2000 (T = 200) steps first.
     Copy task, delay 50, 3000 steps: cross-entropy RNN 0.297 (= the memoryless baseline,
     copied symbols at chance 0.13), LSTM 0.289 (0.16), GRU 0.224 (0.34).
-    ``--tbptt K1 K2`` trains the recurrent layer by truncated BPTT(K1, K2) instead: with
+    ``--track-lyapunov`` logs the recurrent layer's leading Lyapunov exponent on 8 test
+    sequences (``lyapunov_1`` in metrics.jsonl) at every eval. ``--tbptt K1 K2`` trains the recurrent layer by truncated BPTT(K1, K2) instead: with
     K2 < T / 2 no model can learn the adding problem.
     """
 
@@ -62,6 +63,7 @@ class Config:
     copy_delay: int = 50
     copy_steps: int = 3000
     copy_length: int = 10
+    track_lyapunov: bool = False
 
 
 QUICK = {
@@ -121,6 +123,13 @@ def _tbptt(cfg: Config):
     return int(cfg.tbptt[0]), int(cfg.tbptt[1])
 
 
+def _lyapunov_hook(cfg: Config, model: bptt.RecurrentReadout, x):
+    if not cfg.track_lyapunov:
+        return None
+    x = np.asarray(x[:8], np.float32)
+    return flossing.lyapunov_hook(model.recurrent_layer(), x, 1, burn_in=x.shape[1] // 4)
+
+
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     results: dict = {}
     tbptt = _tbptt(cfg)
@@ -146,6 +155,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                     log_every=max(cfg.eval_every // 5, 1),
                     checkpoint_every=cfg.eval_every,
                     desc=f"adding T={T} {model.cell}",
+                    eval_hook=_lyapunov_hook(cfg, model, test["x"]),
                 )
                 return {"test_mse": res.eval["loss"]}
 
@@ -180,6 +190,7 @@ def _copy_task(cfg: Config, run_dir: runs.RunDir, tx, tbptt) -> dict:
                 log_every=max(cfg.eval_every // 5, 1),
                 checkpoint_every=cfg.eval_every,
                 desc=f"copy T={delay} {model.cell}",
+                eval_hook=_lyapunov_hook(cfg, model, test["x"]),
             )
             return {"test_ce": res.eval["loss"], "copy_accuracy": res.eval["copy_accuracy"]}
 

@@ -221,7 +221,6 @@ def task_loss(model, params, batch) -> tuple[jax.Array, dict]:
     return (ce * w).sum() / total, {"accuracy": (correct * w).sum() / total}
 
 
-
 # ---------------------------------------------------------------------------------------
 # One (task, delay, arm): every seed as one vmapped program
 # ---------------------------------------------------------------------------------------
@@ -245,9 +244,7 @@ class Programs:
                 p, o = carry
                 b = task_batch(jax.random.fold_in(key, step), cfg.batch_size, cfg.seq_len,
                                delay, xor)  # fmt: skip
-                (loss, m), g = jax.value_and_grad(
-                    lambda q: task_loss(model, q, b), has_aux=True
-                )(p)
+                (loss, m), g = jax.value_and_grad(lambda q: task_loss(model, q, b), has_aux=True)(p)
                 u, o = tx.update(g, o, p)
                 return (optax.apply_updates(p, u), o), {
                     "loss": loss,
@@ -276,9 +273,7 @@ class Programs:
             (params, fopt), losses = jax.lax.scan(body, (params, fopt), start + jnp.arange(n))
             return params, fopt, losses
 
-        self.floss = jax.jit(
-            jax.vmap(floss_steps, in_axes=(0, 0, 0, None, None)), static_argnums=4
-        )
+        self.floss = jax.jit(jax.vmap(floss_steps, in_axes=(0, 0, 0, None, None)), static_argnums=4)
 
         def evaluate(params, test):
             loss, m = task_loss(model, params, test)
@@ -398,9 +393,7 @@ def train_arm(cfg: Config, task: str, delay: int, arm: str, sub: runs.RunDir) ->
     out["success"] = [bool(a >= cfg.threshold) for a in acc]
     out["successes"] = int(sum(out["success"]))
     if is_rnn:
-        out["exponents_after_training"] = pr.exponents(
-            params, sx, cfg.spectrum_k, s_burn
-        ).tolist()
+        out["exponents_after_training"] = pr.exponents(params, sx, cfg.spectrum_k, s_burn).tolist()
     if task == cfg.figure_task and delay == _figure_delay(cfg) and is_rnn:
         out["lag_curves"] = _lag_curves(cfg, arm, task, delay, params, init_keys)
     return out

@@ -57,6 +57,7 @@ __all__ = [
     "floss_step",
     "flossing_loss",
     "leading_exponents",
+    "lyapunov_hook",
     "lyapunov_exponents",
     "state_size",
 ]
@@ -329,6 +330,27 @@ def leading_exponents(
         )
     ).mean(axis=0)
     return {f"lyapunov_{i + 1}": float(v) for i, v in enumerate(lam)}
+
+
+def lyapunov_hook(
+    layer: nn.Module,
+    x: Float[Array, "batch time features"],
+    k: int = 1,
+    *,
+    burn_in: int = 0,
+    qr_every: int = 1,
+    params_key: str | None = "rnn",
+):
+    """``hook(state) -> {"lyapunov_1": ..., ...}`` for ``Trainer.fit(eval_hook=...)``: the
+    top ``k`` exponents of ``layer`` with ``state.params[params_key]`` (the whole params
+    with ``params_key=None``) on the fixed inputs ``x``, logged at every eval."""
+    _check_layer(layer)
+
+    def hook(state) -> dict[str, float]:
+        p = state.params if params_key is None else state.params[params_key]
+        return leading_exponents(layer, {"params": p}, x, k, burn_in=burn_in, qr_every=qr_every)
+
+    return hook
 
 
 # ---------------------------------------------------------------------------------------

@@ -838,6 +838,7 @@ class Trainer:
         devices: int | None = None,
         progress: bool | None = None,
         desc: str | None = None,
+        eval_hook: Callable[[TrainState], Mapping[str, float]] | None = None,
     ) -> FitResult:
         """Train ``state`` for ``num_steps`` total updates on ``batch_fn(step)`` batches.
 
@@ -852,6 +853,8 @@ class Trainer:
 
         ``devices`` (default ``run_dir.devices`` or 1): data-parallel over that many devices,
         batch size must divide evenly. ``eval_batches()`` returns a fresh iterable of batches.
+        ``eval_hook(state) -> {name: float}``: extra numbers merged into every eval record
+        (e.g. `jaxnets.flossing.lyapunov_hook`, the leading Lyapunov exponents).
         """
         t0, c0 = time.perf_counter(), time.process_time()
         if num_steps < 0:
@@ -903,6 +906,8 @@ class Trainer:
                 return None
             m = evaluate(eval_step, state, eval_batches(), mesh)
             rec = _to_record(step, m, "eval_")
+            if eval_hook is not None:
+                rec.update({k: float(v) for k, v in eval_hook(state).items()})
             emit(rec)
             return rec
 

@@ -69,7 +69,9 @@ def test_gradient_matches_finite_differences_float64(name, key):
         plus = jax.tree.map(lambda a, d: a + eps * d, p, dirs)
         minus = jax.tree.map(lambda a, d: a - eps * d, p, dirs)
         fd = (f(plus) - f(minus)) / (2 * eps)
-        an = sum(jnp.vdot(a, d) for a, d in zip(jax.tree.leaves(g), jax.tree.leaves(dirs)))
+        an = sum(
+            jnp.vdot(a, d) for a, d in zip(jax.tree.leaves(g), jax.tree.leaves(dirs), strict=True)
+        )
         np.testing.assert_allclose(float(an), float(fd), rtol=1e-6, atol=1e-9)
 
 
@@ -81,11 +83,11 @@ def test_orthogonal_weight_scaled_by_g_gives_log_g(g, key):
         H = 10
         layer = rnn.RNN(H)
         x = 1e-7 * jax.random.normal(key, (2, 30, 3), jnp.float64)
-        O = jnp.linalg.qr(jax.random.normal(jax.random.key(9), (H, H), jnp.float64))[0]
+        orth = jnp.linalg.qr(jax.random.normal(jax.random.key(9), (H, H), jnp.float64))[0]
         params = {
             "l0": {
                 "weight_ih": jnp.ones((H, 3), jnp.float64),
-                "weight_hh": g * O,
+                "weight_hh": g * orth,
                 "bias_ih": jnp.zeros(H, jnp.float64),
                 "bias_hh": jnp.zeros(H, jnp.float64),
             }
@@ -204,3 +206,25 @@ def test_qr_vjp_matches_jax_qr_vjp_float64(key):
         np.testing.assert_allclose(jax.grad(f(_qr))(A), jax.grad(f(jnp.linalg.qr))(A), rtol=1e-10)
         R = jnp.linalg.qr(A)[1]
         np.testing.assert_allclose(_r_inverse(R), np.linalg.inv(np.asarray(R)), rtol=1e-10)
+
+
+def test_track_lyapunov_hook_logs_the_exponent_at_eval(tmp_path, key):
+    from jaxnets import runs, train
+
+    model = bptt.RecurrentReadout("gru", 6)
+    x = jax.random.normal(key, (8, 10, 2))
+    batch = {"x": x, "y": x[:, -1, 0]}
+    trainer = train.Trainer(model, train.mse_loss, train.make_optimizer("adam", 1e-2))
+    state = trainer.init(jax.random.key(1), batch)
+    hook = flossing.lyapunov_hook(model.recurrent_layer(), x[:4], 2, burn_in=2)
+    res = trainer.fit(
+        state, lambda s: batch, 4, run_dir=runs.RunDir(tmp_path), eval_every=2,
+        eval_batches=lambda: [batch], eval_hook=hook,
+    )  # fmt: skip
+    evals = [r for r in runs.RunDir(tmp_path).metrics() if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    want = flossing.leading_exponents(
+        model.recurrent_layer(), {"params": res.state.params["rnn"]}, x[:4], 2, burn_in=2
+    )
+    np.testing.assert_allclose([evals[-1]["lyapunov_1"], evals[-1]["lyapunov_2"]],
+                               [want["lyapunov_1"], want["lyapunov_2"]], rtol=1e-6)  # fmt: skip
