@@ -52,13 +52,13 @@ class Config:
     seeds: int = 5
     tasks: tuple[str, ...] = TASKS
     copy_delays: tuple[int, ...] = (10, 20, 30, 40)
-    xor_delays: tuple[int, ...] = (5, 10, 15, 20)
+    xor_delays: tuple[int, ...] = (5, 10, 15)
     arms: tuple[str, ...] = ARMS
     hidden: int = 80
     g: float = 1.0
     batch_size: int = 16
     seq_len: int = 100
-    steps: int = 2000
+    steps: int = 1000
     lr: float = 1e-3
     clip_norm: float = 1.0
     threshold: float = 0.9
@@ -72,14 +72,14 @@ class Config:
     floss_batch: int = 1
     floss_lr: float = 1e-3
     pre_steps: int = 500
-    inter_every: int = 500
-    inter_steps: int = 200
-    inter_times: int = 2
+    inter_every: int = 250
+    inter_steps: int = 100
+    inter_times: int = 3
     track_lyapunov: bool = True
     track_k: int = 3
     spectrum_k: int = 40
     figure_task: str = "copy"
-    figure_delay: int = 0
+    figure_delay: int = 30
 
 
 QUICK = {
@@ -400,7 +400,9 @@ def train_arm(cfg: Config, task: str, delay: int, arm: str, sub: runs.RunDir) ->
 
 
 def _figure_delay(cfg: Config) -> int:
-    return cfg.figure_delay or max(delays(cfg, cfg.figure_task) or (0,))
+    """``figure_delay`` if the figure task runs it, else that task's longest delay."""
+    ds = delays(cfg, cfg.figure_task) if cfg.figure_task in cfg.tasks else ()
+    return cfg.figure_delay if cfg.figure_delay in ds else max(ds or (0,))
 
 
 def _member0(tree):
@@ -451,8 +453,8 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     per: dict = {}
     for task in cfg.tasks:
         per[task] = {}
-        for arm in cfg.arms:
-            for d in delays(cfg, task):
+        for d in delays(cfg, task):
+            for arm in cfg.arms:
                 name = f"{task}-d{d}-{arm}"
                 per[task][(arm, d)] = run_dir.sub_run(
                     name, lambda sub, task=task, d=d, arm=arm: train_arm(cfg, task, d, arm, sub)
