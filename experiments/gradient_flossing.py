@@ -84,6 +84,7 @@ class Config:
 
 QUICK = {
     "seeds": 2,
+    "arms": ("plain", "pre_inter", "lstm"),
     "copy_delays": (3,),
     "xor_delays": (2,),
     "hidden": 8,
