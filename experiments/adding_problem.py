@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import data, distributed, flossing, plots, runs, train
+from jaxnets import data, distributed, plots, runs, train
+from jaxnets.bptt import flossing
 from jaxnets.models.readout import RecurrentReadout
 
 TOUR_ORDER = 61
@@ -123,7 +124,7 @@ def _tbptt(cfg: Config):
     return int(cfg.tbptt[0]), int(cfg.tbptt[1])
 
 
-def _lyapunov_hook(cfg: Config, model: bptt.RecurrentReadout, x):
+def _lyapunov_hook(cfg: Config, model: RecurrentReadout, x):
     if not cfg.track_lyapunov:
         return None
     x = np.asarray(x[:8], np.float32)

@@ -2,7 +2,7 @@
 
 Engelken (NeurIPS 2023, "Gradient flossing"): before training ("preflossing") and now and
 then during it ("interflossing"), gradient descent on sum_i (lambda_i - 0)^2 over the top
-k Lyapunov exponents of the network's own trajectory (`jaxnets.flossing`). Tasks (the
+k Lyapunov exponents of the network's own trajectory (`jaxnets.bptt.flossing`). Tasks (the
 paper's): a stream of random bits s_t in {0, 1}, one per step; delayed copy y_t = s_{t-d}
 (scored for t >= d), delayed XOR y_t = s_{t-d} XOR s_{t-2d} (scored for t >= 2d); binary
 cross-entropy of one logit per step. Arms: plain tanh RNN; preflossing; preflossing +
@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import bptt, flossing, plots, runs, train
+from jaxnets import bptt, plots, runs, train
+from jaxnets.bptt import flossing
+from jaxnets.models.readout import RecurrentReadout, readout_parts
 
 TOUR_ORDER = 62
 ARMS = ("plain", "preflossing", "pre_inter", "gru", "lstm")
@@ -194,9 +196,9 @@ def flossing_cfg(cfg: Config, arm: str = "pre_inter") -> flossing.Flossing:
 # ---------------------------------------------------------------------------------------
 
 
-def model_for(cfg: Config, arm: str) -> bptt.RecurrentReadout:
+def model_for(cfg: Config, arm: str) -> RecurrentReadout:
     cell = arm if arm in ("gru", "lstm") else "rnn"
-    return bptt.RecurrentReadout(cell, cfg.hidden, out=0, every_step=True)
+    return RecurrentReadout(cell, cfg.hidden, out=0, every_step=True)
 
 
 def init_params(cfg: Config, arm: str, key) -> dict:
@@ -417,7 +419,7 @@ def _member0(tree):
 
 def _lag_curve(cfg, model, params, batch) -> list[float]:
     """||dL/dh_{T-lag}|| (batch mean) of the task loss, seed 0, lag 0..T."""
-    layer, lv, _ = bptt.readout_parts(model, params)
+    layer, lv, _ = readout_parts(model, params)
     res = bptt.state_gradients(
         layer, lv, batch["x"], _lag_loss,
         loss_args=(params["head"]["kernel"], params["head"]["bias"], batch["y"], batch["mask"]),

@@ -854,7 +854,7 @@ class Trainer:
         ``devices`` (default ``run_dir.devices`` or 1): data-parallel over that many devices,
         batch size must divide evenly. ``eval_batches()`` returns a fresh iterable of batches.
         ``eval_hook(state) -> {name: float}``: extra numbers merged into every eval record
-        (e.g. `jaxnets.flossing.lyapunov_hook`, the leading Lyapunov exponents).
+        (e.g. `jaxnets.bptt.flossing.lyapunov_hook`, the leading Lyapunov exponents).
         """
         t0, c0 = time.perf_counter(), time.process_time()
         if num_steps < 0:

@@ -1,4 +1,4 @@
-"""jaxnets.flossing: the differentiable Lyapunov exponents against the dense-Jacobian QR
+"""jaxnets.bptt.flossing: the differentiable Lyapunov exponents against the dense-Jacobian QR
 of jaxnets.bptt, finite differences in float64 and closed forms; the flossing option."""
 
 import jax
@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnets import bptt, flossing, rnn
+from jaxnets import bptt, rnn
+from jaxnets.bptt import flossing
+from jaxnets.models.readout import RecurrentReadout
 
 LAYERS = {
     "rnn": lambda: rnn.RNN(6),
@@ -193,7 +195,7 @@ def test_bad_arguments_are_named(key):
 def test_qr_vjp_matches_jax_qr_vjp_float64(key):
     """The QR used inside the scan has its own VJP (matrix products instead of XLA's slow
     CPU triangular solve); it must equal the VJP of jnp.linalg.qr."""
-    from jaxnets.flossing import _qr, _r_inverse
+    from jaxnets.bptt.flossing import _qr, _r_inverse
 
     with jax.enable_x64(True):
         A = jax.random.normal(key, (12, 7), jnp.float64)
@@ -211,7 +213,7 @@ def test_qr_vjp_matches_jax_qr_vjp_float64(key):
 def test_track_lyapunov_hook_logs_the_exponent_at_eval(tmp_path, key):
     from jaxnets import runs, train
 
-    model = bptt.RecurrentReadout("gru", 6)
+    model = RecurrentReadout("gru", 6)
     x = jax.random.normal(key, (8, 10, 2))
     batch = {"x": x, "y": x[:, -1, 0]}
     trainer = train.Trainer(model, train.mse_loss, train.make_optimizer("adam", 1e-2))

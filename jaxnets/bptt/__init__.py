@@ -14,6 +14,9 @@ One module per idea, each with its maths in its docstring:
   `matrix_free_singular_values` / `matrix_free_product_norms`.
 - `jaxnets.bptt.truncated`: `truncated_apply` / `truncated_grad` / `TruncatedBPTT`
   (truncated BPTT(k1, k2) as a training option).
+- `jaxnets.bptt.flossing`: gradient flossing (Engelken 2023): `lyapunov_exponents`
+  (differentiable top-k exponents from JVPs and QR), `flossing_loss`, `Flossing` (the
+  training option), `floss_step` / `floss`, `leading_exponents` / `lyapunov_hook`.
 
 `RecurrentReadout` / `readout_parts` (the long-memory experiments' model) live in
 `jaxnets.models.readout`; ``jaxnets.bptt.RecurrentReadout`` still finds them.
@@ -58,6 +61,15 @@ from jaxnets.bptt.explicit import (
     log_slope,
     state_gradients,
 )
+from jaxnets.bptt.flossing import (
+    Flossing,
+    floss,
+    floss_step,
+    flossing_loss,
+    leading_exponents,
+    lyapunov_exponents,
+    lyapunov_hook,
+)
 from jaxnets.bptt.jacobians import (  # noqa: F401
     JACOBIAN_METHODS,
     FactoredJacobians,
@@ -95,6 +107,13 @@ __all__ = [
     "explicit_bptt",
     "factored_jacobians",
     "FactoredJacobians",
+    "Flossing",
+    "floss",
+    "floss_step",
+    "flossing_loss",
+    "leading_exponents",
+    "lyapunov_exponents",
+    "lyapunov_hook",
     "largest_lyapunov_bruteforce",
     "lag_curve",
     "log_slope",

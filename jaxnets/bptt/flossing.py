@@ -2,7 +2,7 @@
 recurrent layer's own trajectory, and training that pushes its top exponents to a target.
 
 The maths. A recurrent layer moves its state s (h; for the LSTM the stacked [h; c], as in
-`jaxnets.bptt`; a unidirectional stack stacks every layer's state) by
+`jaxnets.bptt.chains`; a unidirectional stack stacks every layer's state) by
 s_{t+1} = F(s_t, x_t; psi), with per-step Jacobian J_t = dF/ds at (s_t, x_t). The top-k
 Lyapunov exponents are the growth rates of k-dimensional volumes under the product
 J_{T-1} ... J_0, computed by repeated QR (Benettin et al. 1980):
