@@ -37,9 +37,17 @@ def _copy(tree):
     return jax.tree.map(np.array, tree)
 
 
+def _is_conv(eqn) -> bool:
+    """XLA's convolution, or one of the oneDNN convolution calls (jaxnets.ops.onednn)."""
+    if eqn.primitive.name == "ffi_call":
+        return str(eqn.params.get("target_name", "")).startswith("jaxnets_onednn_conv")
+    return eqn.primitive.name == "conv_general_dilated"
+
+
 def _conv_count(jaxpr) -> int:
-    """conv_general_dilated equations in a jaxpr, sub-jaxprs (pjit, custom_vjp, ...) included."""
-    n = sum(eqn.primitive.name == "conv_general_dilated" for eqn in jaxpr.eqns)
+    """Convolution equations in a jaxpr (XLA's or oneDNN's), sub-jaxprs (pjit, custom_vjp,
+    ...) included."""
+    n = sum(_is_conv(eqn) for eqn in jaxpr.eqns)
     return n + sum(_conv_count(sub) for sub in jax.extend.core.subjaxprs(jaxpr))
 
 
