@@ -4,8 +4,14 @@
 by ``python -m experiments`` with its ``TOUR`` overrides (``--quick``: its ``QUICK`` ones)
 into ``runs/tour/NAME/``, in ``TOUR_ORDER``. A finished experiment is not rerun, an
 unfinished one resumes from its checkpoints, so an interrupted tour continues where it
-stopped. A failing experiment is reported and the tour goes on. The report holds each
-experiment's table (``report()``), runtime and plots.
+stopped. A failing experiment is reported and the tour goes on.
+
+The report opens with one table of the notes' claims (`NOTES_TOPICS`): what each
+experiment's ``claims(results, cfg)`` checked at tour size, pass or fail, and beside it the
+same claim as the experiment's full-size run measured it. Those full-run figures live in
+one file, ``experiments/full_runs.json``, written from a full run's directory by
+``python -m experiments.tour --record NAME RUN_DIR`` (the module's own ``claims`` applied
+to the run's results.json). Then each experiment's table (``report()``), runtime and plots.
 """
 
 from __future__ import annotations
@@ -23,6 +29,22 @@ import types
 from pathlib import Path
 
 from jaxnets import runs
+
+FULL_RUNS = Path(__file__).with_name("full_runs.json")
+
+# The notes' topics, in the notes' order (the claims table has a row for each, and says
+# so when no experiment checks one).
+NOTES_TOPICS = (
+    "VGG: stacked 3x3 convolutions",
+    "ResNet: residual vs plain depth",
+    "Transfer learning",
+    "RNN: many-to-one classification",
+    "RNN: generation (char LM)",
+    "BPTT: vanishing gradients",
+    "LSTM/GRU vs RNN on long memory",
+    "Bidirectional vs unidirectional",
+    "Attention vs no attention",
+)
 
 
 def _discover():
@@ -85,6 +107,12 @@ def run_one(mod: types.ModuleType, out: Path, *, quick: bool, devices: int, prog
         entry["reused"] = reused
         info = runs.RunDir(workdir).info()
         entry["runtime_s"] = info.get("runtime_s", time.perf_counter() - t0)
+        entry["config"] = cfg
+        if entry["status"] == "ok" and hasattr(mod, "claims"):
+            try:
+                entry["claims"] = list(mod.claims(results, cfg))
+            except Exception:  # noqa: BLE001 - a broken check is a failed check, reported
+                entry["claims_error"] = traceback.format_exc()
     except Exception:  # noqa: BLE001 - a failing experiment must not stop the tour
         entry["status"] = "failed"
         entry["error"] = traceback.format_exc()
@@ -107,6 +135,7 @@ def _section(entry: dict, out: Path) -> str:
         tail = "\n".join(entry["error"].strip().splitlines()[-15:])
         lines += ["**FAILED**", "", "```", tail, "```", ""]
         return "\n".join(lines)
+    lines += _claims_block(entry)
     run_dir = runs.RunDir(entry["workdir"])
     if hasattr(mod, "report"):
         try:
@@ -123,6 +152,152 @@ def _section(entry: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def read_full_runs(path: str | Path = FULL_RUNS) -> dict:
+    """The recorded full-size runs: ``{name: {"command", "date", "runtime_s", "claims", ...}}``."""
+    path = Path(path)
+    return runs.read_json(path) if path.exists() else {}
+
+
+def _config_overrides(mod: types.ModuleType, cfg) -> dict:
+    """Fields of ``cfg`` that differ from the module's ``Config()`` defaults."""
+    default = runs._config_json(mod.Config())
+    return {k: v for k, v in runs._config_json(cfg).items() if default.get(k) != v}
+
+
+def _command(name: str, overrides: dict) -> str:
+    parts = [f"python -m experiments.{name}"]
+    for k, v in overrides.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag if v else f"--no-{k.replace('_', '-')}")
+        elif isinstance(v, list):
+            parts.append(" ".join([flag, *map(str, v)]))
+        else:
+            parts.append(f"{flag} {v}")
+    return " ".join(parts)
+
+
+def record_full_run(name: str, run_dir: str | Path, path: str | Path = FULL_RUNS) -> dict:
+    """Write one experiment's full-size run into ``full_runs.json`` from its run directory.
+
+    The claims are the module's own ``claims(results, cfg)`` on the run's results.json and
+    config.json; the command is rebuilt from the config fields that differ from the
+    defaults; runtime and date come from the run's DONE marker. Other entries are kept.
+    """
+    mod = runs.load_module(name)
+    name = runs.experiment_name(mod)
+    rd = runs.RunDir(run_dir)
+    if not rd.done:
+        raise runs.RunError(f"--record: {run_dir} holds no finished run (no DONE marker)")
+    if not hasattr(mod, "claims"):
+        raise ValueError(f"--record: experiments.{name} has no claims(results, cfg)")
+    cfg = runs.config_from_args(mod, runs.read_json(rd.config_path))
+    info = rd.info()
+    entry = {
+        "command": _command(name, _config_overrides(mod, cfg)),
+        "date": str(info.get("finished", ""))[:10],
+        "runtime_s": info.get("runtime_s"),
+        "source": f"results.json of {rd.path.as_posix()}",
+        "claims": [c.to_json() for c in mod.claims(rd.results(), cfg)],
+    }
+    recorded = read_full_runs(path)
+    recorded[name] = entry
+    runs.write_json(path, dict(sorted(recorded.items())))
+    return entry
+
+
+def _fmt_runtime(s) -> str:
+    if s is None:
+        return "runtime not recorded"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def _full_claim(full: dict | None, claim: runs.Claim) -> str:
+    """The full run's verdict on the same topic, for the claims table."""
+    if not full:
+        return "not recorded"
+    same = [runs.Claim.from_json(c) for c in full["claims"] if c["topic"] == claim.topic]
+    if not same:
+        return "not recorded"
+    c = same[0]
+    return f"{'pass' if c.holds else 'FAIL'}: {c.evidence}"
+
+
+def _claims_block(entry: dict) -> list[str]:
+    """Per-section: which size the reader is looking at, its checks, and the full run."""
+    name = entry["name"]
+    full = read_full_runs().get(name)
+    over = _config_overrides(entry["module"], entry["config"]) if "config" in entry else {}
+    lines = [
+        "**You are reading the tour-size run**: "
+        + (f"`{_command(name, over)}`" if over else "the full configuration itself")
+        + ".",
+        "",
+    ]
+    for c in entry.get("claims", []):
+        lines.append(f"- {'pass' if c.holds else '**FAIL**'}: {c.claim}. {c.evidence}")
+    if "claims_error" in entry:
+        tail = entry["claims_error"].strip().splitlines()[-1]
+        lines.append(f"- **FAIL**: claims() raised `{tail}`")
+    if full:
+        lines += [
+            "",
+            f"**Full-size run** (recorded {full.get('date') or 'undated'}, "
+            f"{_fmt_runtime(full.get('runtime_s'))} on this 2-core machine; "
+            f"{full.get('source', '')}): `{full['command']}`",
+        ]
+        lines += [
+            f"- {'pass' if c['holds'] else '**FAIL**'}: {c['claim']}. {c['evidence']}"
+            for c in full["claims"]
+        ]
+    else:
+        lines += ["", "**Full-size run**: not recorded in `experiments/full_runs.json`."]
+    return lines + [""]
+
+
+def claims_table(entries: list[dict]) -> list[str]:
+    """The notes' claims at a glance: one row per claim, every topic of the notes listed."""
+    full_runs = read_full_runs()
+    rows = []
+    covered = set()
+    for e in entries:
+        for c in e.get("claims", []):
+            covered.add(c.topic)
+            rows.append(
+                (
+                    NOTES_TOPICS.index(c.topic) if c.topic in NOTES_TOPICS else len(NOTES_TOPICS),
+                    f"| {c.topic} | {c.claim} | [{e['name']}](#{e['name']}) | "
+                    f"{'pass' if c.holds else '**FAIL**'} | {c.evidence} | "
+                    f"{_full_claim(full_runs.get(e['name']), c)} |",
+                )
+            )
+        if "claims_error" in e or (e["status"] == "failed" and hasattr(e["module"], "claims")):
+            rows.append(
+                (
+                    len(NOTES_TOPICS),
+                    f"| ({e['name']}) | its checks could not run | "
+                    f"[{e['name']}](#{e['name']}) | **FAIL** | {e['status']} | |",
+                )
+            )
+    for i, topic in enumerate(NOTES_TOPICS):
+        if topic not in covered:
+            rows.append(
+                (i, f"| {topic} | no experiment checked this topic in this tour | | **FAIL** | | |")
+            )
+    rows.sort(key=lambda r: r[0])
+    n_pass = sum(c.holds for e in entries for c in e.get("claims", []))
+    n_all = sum(len(e.get("claims", [])) for e in entries)
+    return [
+        f"## The notes' claims: {n_pass} of {n_all} checks pass at tour size",
+        "",
+        "| topic | claim checked at tour size | experiment | tour | tour figures "
+        "(mean ± standard error) | full-size run |",
+        "|---|---|---|---|---|---|",
+        *[r[1] for r in rows],
+        "",
+    ]
+
+
 def write_report(entries: list[dict], out: Path, *, quick: bool, wall_s: float) -> Path:
     head = [
         "# jaxnets tour",
@@ -131,6 +306,7 @@ def write_report(entries: list[dict], out: Path, *, quick: bool, wall_s: float) 
         f"`python -m experiments.tour{' --quick' if quick else ''}` "
         f"({'QUICK' if quick else 'TOUR'} configurations); tour wall time {wall_s:.0f} s.",
         "",
+        *claims_table(entries),
         "| experiment | status | runtime (s) | description |",
         "|---|---|---|---|",
     ]
@@ -186,7 +362,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--devices", type=int, default=1, help="data-parallel devices")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--record",
+        nargs=2,
+        metavar=("NAME", "RUN_DIR"),
+        help="write experiment NAME's finished full-size run RUN_DIR into "
+        "experiments/full_runs.json (its claims, command, runtime, date) and exit",
+    )
     a = p.parse_args(argv)
+    if a.record:
+        try:
+            entry = record_full_run(*a.record)
+        except (ValueError, runs.RunError, ModuleNotFoundError) as e:
+            p.exit(2, f"error: {e}\n")
+        print(json.dumps(entry, indent=2))
+        return 0
     out = Path(a.out or ("runs/tour-quick" if a.quick else "runs/tour"))
     only = [s.strip() for s in a.only.split(",") if s.strip()] or None
     try:
@@ -196,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     failed = [e["name"] for e in entries if e["status"] == "failed"]
-    print(f"[tour] report: {report}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    checks = [c for e in entries for c in e.get("claims", [])]
+    print(
+        f"[tour] report: {report}; {sum(c.holds for c in checks)} of {len(checks)} checks pass"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

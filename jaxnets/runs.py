@@ -21,6 +21,8 @@ An experiment is a module ``experiments/NAME.py`` with
 - ``TOUR``: dict of Config overrides for ``python -m experiments.tour``;
 - ``run(cfg, run_dir) -> dict`` (the results, JSON-serialisable);
 - ``report(results, run_dir) -> str``: markdown for the tour report;
+- optional ``claims(results, cfg) -> list[Claim]``: the notes' claims this run checks, each
+  with pass/fail and its figures (the tour's claims table; `Claim`, `compare`);
 - optional ``TOUR_ORDER: int`` (default 100; lower runs first);
 - ``if __name__ == "__main__": runs.main(__name__)``.
 
@@ -53,6 +55,7 @@ from typing import Any
 from jaxnets import distributed
 
 __all__ = [
+    "Claim",
     "RunDir",
     "RunError",
     "build_parser",
@@ -61,6 +64,8 @@ __all__ = [
     "main",
     "run_experiment",
     "experiment_name",
+    "compare",
+    "mean_se",
 ]
 
 
@@ -554,3 +559,85 @@ def fmt(x: Any, digits: int = 3) -> str:
     if isinstance(x, float):
         return "nan" if math.isnan(x) else f"{x:.{digits}g}"
     return str(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One claim of the notes as one run checks it.
+
+    ``topic`` names the notes' topic (the tour's claims table has one row per topic and
+    claim), ``claim`` says exactly what was checked at the size that ran (``"LSTM and GRU
+    reach test MSE < 0.05 at T = 50, the tanh RNN does not"``), ``holds`` is the verdict,
+    ``evidence`` the figures behind it (means ± standard errors, seeds). ``seeds`` is the
+    number of seeds a comparison rests on (None for a deterministic check).
+    """
+
+    topic: str
+    claim: str
+    holds: bool
+    evidence: str
+    seeds: int | None = None
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "holds": bool(self.holds)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Claim:
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n)) of a list of numbers.
+
+    Raises ValueError on fewer than 2 values: a standard error needs at least 2 seeds.
+    """
+    xs = [float(v) for v in values]
+    if len(xs) < 2:
+        raise ValueError(f"mean_se: a standard error needs >= 2 values, got {len(xs)}")
+    m = sum(xs) / len(xs)
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, math.sqrt(var / len(xs))
+
+
+def compare(
+    a,
+    b,
+    *,
+    higher_is_better: bool = True,
+    names: tuple[str, str] = ("A", "B"),
+    digits: int = 3,
+    min_seeds: int = 3,
+) -> tuple[bool, str]:
+    """Does A beat B over seeds? ``(holds, evidence)``.
+
+    ``a``, ``b``: per-seed values of one metric. A beats B when its mean is better by more
+    than two standard errors of the difference (unpaired: sqrt(se_a^2 + se_b^2)).
+    Fewer than ``min_seeds`` values on either side raise ValueError: a comparison without
+    an uncertainty is not a claim. ``min_seeds=1`` is for quoting a single-seed full-size
+    run: with one value on a side there is no standard error, the verdict is on the means
+    alone and the evidence says so.
+    """
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    for name, xs in zip(names, (a, b), strict=True):
+        if len(xs) < max(min_seeds, 1):
+            raise ValueError(
+                f"compare: {name} has {len(xs)} value(s); a comparison needs >= {min_seeds} seeds"
+            )
+    f = f"{{:.{digits}f}}"
+    n = f"{len(a)} seeds" if len(a) == len(b) else f"{len(a)} and {len(b)} seeds"
+    if min(len(a), len(b)) < 2:
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        diff = ma - mb if higher_is_better else mb - ma
+        n = n.replace("1 seeds", "1 seed")
+        return diff > 0, (
+            f"{names[0]} {f.format(ma)} vs {names[1]} {f.format(mb)} ({n}: no standard error)"
+        )
+    ma, sa = mean_se(a)
+    mb, sb = mean_se(b)
+    diff = ma - mb if higher_is_better else mb - ma
+    se = math.sqrt(sa**2 + sb**2)
+    evidence = (
+        f"{names[0]} {f.format(ma)} ± {f.format(sa)} vs {names[1]} {f.format(mb)} ± "
+        f"{f.format(sb)} ({n}; difference {f.format(diff)}, 2 SE {f.format(2 * se)})"
+    )
+    return diff > 2 * se, evidence
