@@ -108,6 +108,21 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     }
 
 
+def claims(results: dict, cfg: Config) -> list[runs.Claim]:
+    """The recurrent classifier learns the sign of the running sum (chance 0.5)."""
+    acc = results["test_accuracy"]
+    return [
+        runs.Claim(
+            "RNN: many-to-one classification",
+            f"a {cfg.cell.upper()} reading {cfg.seq_len} steps classifies the sign of their "
+            f"sum with test accuracy >= 0.95 after {cfg.steps} steps (chance 0.50)",
+            acc >= 0.95,
+            f"test accuracy {acc:.3f} on {cfg.n_test} sequences (seed {cfg.seed})",
+            1,
+        )
+    ]
+
+
 def report(results: dict, run_dir: runs.RunDir) -> str:
     acc = results["test_accuracy"]
     return "\n".join(

@@ -519,6 +519,41 @@ def bar_checks(results: dict, cfg: Config) -> dict:
     return out
 
 
+TOPIC = "Gradient flossing (beyond the notes)"
+
+
+def claims(results: dict, cfg: Config) -> list[runs.Claim]:
+    """(1) After preflossing the top-k exponents are within 0.05 of the target (every seed,
+    task and delay); (2) per task, at its longest delay: preflossing + interflossing beats
+    plain training on per-seed test accuracy (paired: both arms start from the same RNN per
+    seed), with the success counts beside it."""
+    out = []
+    dev = results.get("exponents", {}).get("max_abs_deviation_after_preflossing")
+    if dev is not None:
+        out.append(runs.Claim(
+            TOPIC, f"after {cfg.pre_steps} preflossing updates (Adam {cfg.floss_lr:g}) the top "
+            f"{cfg.floss_k} Lyapunov exponents of the {cfg.hidden}-unit tanh RNN are within 0.05 "
+            f"of {cfg.floss_target:g}", dev <= 0.05,
+            f"worst |lambda_i - {cfg.floss_target:g}| over every seed, task and delay: {dev:.3f}"
+            + (f" (seed 0 at init: {max(abs(x - cfg.floss_target) for x in results['exponents']['init'][: cfg.floss_k]):.3f})"  # noqa: E501
+               if "init" in results.get("exponents", {}) else ""),
+            cfg.seeds))  # fmt: skip
+    for task, e in results["tasks"].items():
+        if "plain" not in e or "pre_inter" not in e:
+            continue
+        i = int(np.argmax(e["delays"]))
+        d = e["delays"][i]
+        holds, ev = runs.compare(e["pre_inter_accuracy"][i], e["plain_accuracy"][i],
+                                 names=("pre + inter", "plain"), paired=cfg.seeds > 1,
+                                 min_seeds=min(3, cfg.seeds))  # fmt: skip
+        out.append(runs.Claim(
+            TOPIC, f"delayed {task}, delay {d} (T = {cfg.seq_len}, {cfg.steps} steps, Adam "
+            f"{cfg.lr:g}): pre + interflossing beats plain BPTT training on test accuracy",
+            holds, f"{ev}; successes (accuracy >= {cfg.threshold:g}) {e['pre_inter'][i]}/"
+            f"{cfg.seeds} vs {e['plain'][i]}/{cfg.seeds}", cfg.seeds))  # fmt: skip
+    return out
+
+
 def _plots(cfg: Config, per: dict, results: dict, run_dir: runs.RunDir) -> None:
     import matplotlib.pyplot as plt
 

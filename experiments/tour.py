@@ -152,9 +152,10 @@ def _section(entry: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def read_full_runs(path: str | Path = FULL_RUNS) -> dict:
-    """The recorded full-size runs: ``{name: {"command", "date", "runtime_s", "claims", ...}}``."""
-    path = Path(path)
+def read_full_runs(path: str | Path | None = None) -> dict:
+    """The recorded full-size runs: ``{name: {"command", "date", "runtime_s", "claims", ...}}``
+    (``path`` default: `FULL_RUNS`)."""
+    path = Path(FULL_RUNS if path is None else path)
     return runs.read_json(path) if path.exists() else {}
 
 
@@ -177,7 +178,7 @@ def _command(name: str, overrides: dict) -> str:
     return " ".join(parts)
 
 
-def record_full_run(name: str, run_dir: str | Path, path: str | Path = FULL_RUNS) -> dict:
+def record_full_run(name, run_dir: str | Path, path: str | Path | None = None) -> dict:
     """Write one experiment's full-size run into ``full_runs.json`` from its run directory.
 
     The claims are the module's own ``claims(results, cfg)`` on the run's results.json and
@@ -202,7 +203,7 @@ def record_full_run(name: str, run_dir: str | Path, path: str | Path = FULL_RUNS
     }
     recorded = read_full_runs(path)
     recorded[name] = entry
-    runs.write_json(path, dict(sorted(recorded.items())))
+    runs.write_json(FULL_RUNS if path is None else path, dict(sorted(recorded.items())))
     return entry
 
 

@@ -425,6 +425,32 @@ def plot(results: dict, run_dir: runs.RunDir) -> None:
         )  # fmt: skip
 
 
+def claims(results: dict, cfg: Config) -> list[runs.Claim]:
+    """Settings 1 and 2 (VGG), each label count <= BAR_MAX_LABELS: fine-tuning (the notes'
+    first method, named in advance, not picked after the fact) beats scratch, both tuned
+    by the same learning-rate x length search on a validation set, by > 2 standard errors
+    of the per-seed differences (paired: seed i of both arms has the same few labelled
+    examples, new-head initialisation and batch order)."""
+    out = []
+    for tag in BAR_SETTINGS:
+        r = results.get(tag)
+        if not isinstance(r, dict) or "finetune" not in r or "scratch" not in r:
+            continue
+        for i, n in enumerate(r["labels_per_class"]):
+            if n > BAR_MAX_LABELS:
+                continue
+            ft, sc = r["finetune_seeds"][i], r["scratch_seeds"][i]
+            holds, ev = runs.compare(ft, sc, names=("fine-tune", "scratch"),
+                                     min_seeds=min(3, len(ft)), paired=len(ft) > 1)  # fmt: skip
+            out.append(runs.Claim(
+                "Transfer learning",
+                f"{TITLES[tag]}, {n} label(s) per class: fine-tuning the pretrained VGG beats "
+                f"training it from scratch (each with the same {len(cfg.lrs)} learning rates x "
+                f"lengths up to {cfg.steps} steps, chosen on validation)",
+                holds, ev, len(ft)))  # fmt: skip
+    return out
+
+
 def report(results: dict, run_dir: runs.RunDir) -> str:
     lines = []
     for tag, r in results.items():

@@ -607,11 +607,14 @@ def compare(
     names: tuple[str, str] = ("A", "B"),
     digits: int = 3,
     min_seeds: int = 3,
+    paired: bool = False,
 ) -> tuple[bool, str]:
     """Does A beat B over seeds? ``(holds, evidence)``.
 
     ``a``, ``b``: per-seed values of one metric. A beats B when its mean is better by more
-    than two standard errors of the difference (unpaired: sqrt(se_a^2 + se_b^2)).
+    than two standard errors of the difference: unpaired, sqrt(se_a^2 + se_b^2); with
+    ``paired=True`` (seed i of A and of B share data, initial head and batch order), the
+    standard error of the per-seed differences a_i - b_i.
     Fewer than ``min_seeds`` values on either side raise ValueError: a comparison without
     an uncertainty is not a claim. ``min_seeds=1`` is for quoting a single-seed full-size
     run: with one value on a side there is no standard error, the verdict is on the means
@@ -635,9 +638,15 @@ def compare(
     ma, sa = mean_se(a)
     mb, sb = mean_se(b)
     diff = ma - mb if higher_is_better else mb - ma
-    se = math.sqrt(sa**2 + sb**2)
+    if paired:
+        if len(a) != len(b):
+            raise ValueError(f"compare: paired needs as many A as B values, got {len(a)}, {len(b)}")
+        se = mean_se([x - y for x, y in zip(a, b, strict=True)])[1]
+    else:
+        se = math.sqrt(sa**2 + sb**2)
     evidence = (
         f"{names[0]} {f.format(ma)} ± {f.format(sa)} vs {names[1]} {f.format(mb)} ± "
-        f"{f.format(sb)} ({n}; difference {f.format(diff)}, 2 SE {f.format(2 * se)})"
+        f"{f.format(sb)} ({n}; difference {f.format(diff)}, 2 SE {f.format(2 * se)}"
+        f"{' paired' if paired else ''})"
     )
     return diff > 2 * se, evidence

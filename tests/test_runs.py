@@ -176,3 +176,26 @@ def test_rundir_helpers(tmp_path):
         rd.sub("../x")
     with pytest.raises(runs.RunError, match="has not finished"):
         rd.results()
+
+
+def test_mean_se_and_compare_closed_form():
+    m, se = runs.mean_se([1.0, 2.0, 3.0, 6.0])  # mean 3, sample var 14/3
+    assert m == 3.0 and abs(se - (14 / 3) ** 0.5 / 2) < 1e-12
+    with pytest.raises(ValueError, match="needs >= 2 values"):
+        runs.mean_se([1.0])
+    # unpaired: diff 0.9, se sqrt(0.1^2/3*... ) computed by hand
+    a, b = [1.0, 1.1, 1.2], [0.1, 0.2, 0.3]
+    holds, ev = runs.compare(a, b, names=("a", "b"))
+    assert holds and "a 1.100 ± 0.058 vs b 0.200 ± 0.058 (3 seeds" in ev
+    holds, _ = runs.compare(a, b, higher_is_better=False)
+    assert not holds
+    # within noise: means differ by less than 2 SE -> no claim
+    assert not runs.compare([0.0, 1.0, 2.0], [0.5, 1.5, 0.0])[0]
+    # paired: per-seed differences identical -> SE 0, the same shift is a clear win
+    holds, ev = runs.compare([0.5, 0.9, 0.1], [0.4, 0.8, 0.0], paired=True)
+    assert holds and "2 SE 0.000 paired" in ev
+    assert not runs.compare([0.5, 0.9, 0.1], [0.4, 0.8, 0.0])[0]  # unpaired: lost in the spread
+    with pytest.raises(ValueError, match="needs >= 3 seeds"):
+        runs.compare([1.0, 2.0], [0.0, 0.1])
+    holds, ev = runs.compare([1.0], [0.5], min_seeds=1, names=("x", "y"))
+    assert holds and ev == "x 1.000 vs y 0.500 (1 seed: no standard error)"

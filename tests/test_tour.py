@@ -8,6 +8,7 @@ import types
 import pytest
 
 from experiments import tour
+from jaxnets import runs
 
 listing = importlib.import_module("experiments.__main__")
 
@@ -107,3 +108,106 @@ def test_a_skipped_experiment_is_reported_and_rechecked_next_tour(tmp_path):
     report, entries = tour.run_tour(tmp_path, modules=[mod], progress=False)
     assert entries[0]["status"] == "ok" and entries[0]["results"] == {"x": 2} and len(calls) == 2
     assert "x = 2" in report.read_text()
+
+
+def _claiming(name, verdicts):
+    """A fake experiment whose claims() returns one claim per (topic index, holds)."""
+    mod = _fake(name, False)
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        seed: int = 0
+        steps: int = 10
+        sizes: tuple = (1, 2)
+
+    def claims(results, cfg):
+        return [
+            runs.Claim(tour.NOTES_TOPICS[i], f"claim {i} at {cfg.steps} steps", ok, f"x={i}", 3)
+            for i, ok in verdicts
+        ]
+
+    mod.Config, mod.claims = Config, claims
+    return mod
+
+
+def test_claims_table_lists_every_topic_with_tour_and_full_verdicts(tmp_path, monkeypatch):
+    full = tmp_path / "full_runs.json"
+    full.write_text(json.dumps({"good": {
+        "command": "python -m experiments.good --steps 99", "date": "2026-01-02",
+        "runtime_s": 125.0, "source": "results.json of runs/good/x",
+        "claims": [{"topic": tour.NOTES_TOPICS[0], "claim": "claim 0 at 99 steps",
+                    "holds": True, "evidence": "x=full", "seeds": 1}],
+    }}))  # fmt: skip
+    monkeypatch.setattr(tour, "FULL_RUNS", full)
+    mod = _claiming("good", [(0, True), (1, False)])
+    mod.TOUR = {"steps": 4}
+    report, entries = tour.run_tour(tmp_path / "t", modules=[mod], progress=False)
+    text = report.read_text()
+    assert "## The notes' claims: 1 of 2 checks pass at tour size" in text
+    rows = [r for r in text.splitlines() if "| claim 0 " in r or "| claim 1 " in r]
+    assert rows[0].startswith(
+        f"| {tour.NOTES_TOPICS[0]} | claim 0 at 4 steps | [good](#good) | pass"
+    )
+    assert rows[0].endswith("| pass: x=full |")
+    assert rows[1].startswith(f"| {tour.NOTES_TOPICS[1]} | claim 1 at 4 steps |")
+    assert "**FAIL**" in rows[1] and rows[1].endswith("| not recorded |")
+    for topic in tour.NOTES_TOPICS[2:]:  # every topic of the notes has a row
+        assert f"| {topic} | no experiment checked this topic in this tour |" in text
+    # the section says which size the reader looks at, and quotes the full run
+    assert "**You are reading the tour-size run**: `python -m experiments.good --steps 4`" in text
+    assert "**Full-size run** (recorded 2026-01-02, 2.1 min" in text
+    assert "`python -m experiments.good --steps 99`" in text
+
+
+def test_a_claims_error_is_a_failed_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(tour, "FULL_RUNS", tmp_path / "none.json")
+    mod = _claiming("broken", [])
+
+    def bad(results, cfg):
+        raise KeyError("no_such_metric")
+
+    mod.claims = bad
+    report, entries = tour.run_tour(tmp_path / "t", modules=[mod], progress=False)
+    text = report.read_text()
+    assert "| (broken) | its checks could not run |" in text and "no_such_metric" in text
+
+
+def test_record_full_run_writes_the_modules_own_claims(tmp_path):
+    mod = _claiming("rec", [(3, True)])
+    work = tmp_path / "run"
+    runs.run_experiment(mod, {"steps": 7, "sizes": (3,)}, work, progress=False)
+    path = tmp_path / "full.json"
+    path.write_text(json.dumps({"other": {"command": "keep me", "claims": []}}))
+    entry = tour.record_full_run(mod, work, path=path)
+    saved = json.loads(path.read_text())
+    assert saved["other"] == {"command": "keep me", "claims": []}  # other entries are kept
+    assert saved["rec"] == entry
+    assert entry["command"] == "python -m experiments.rec --steps 7 --sizes 3"
+    assert entry["runtime_s"] == runs.RunDir(work).info()["runtime_s"]
+    assert entry["date"] == runs.RunDir(work).info()["finished"][:10]
+    assert entry["claims"] == [
+        {"topic": tour.NOTES_TOPICS[3], "claim": "claim 3 at 7 steps", "holds": True,
+         "evidence": "x=3", "seeds": 3}
+    ]  # fmt: skip
+    with pytest.raises(runs.RunError, match="no finished run"):
+        tour.record_full_run(mod, tmp_path / "empty", path=path)
+
+
+def test_recorded_full_runs_are_well_formed():
+    """experiments/full_runs.json: every entry names a real experiment, a command that
+    runs it, and claims on the notes' topics (or the experiment's own extra topic)."""
+    known = {runs.experiment_name(m): m for m in listing.discover()}
+    for name, e in tour.read_full_runs().items():
+        assert name in known, name
+        assert e["command"].startswith(f"python -m experiments.{name}")
+        assert e["claims"], name
+        topics = set(tour.NOTES_TOPICS) | {getattr(known[name], "TOPIC", None)}
+        for c in e["claims"]:
+            claim = runs.Claim.from_json(c)
+            assert claim.topic in topics and isinstance(claim.holds, bool), (name, c)
+
+
+def test_every_experiment_that_runs_in_the_tour_checks_claims():
+    for mod in listing.discover():
+        if runs.experiment_name(mod) != "cifar10":  # skipped without its data set
+            assert callable(getattr(mod, "claims", None)), mod.__name__
