@@ -79,7 +79,7 @@ class Config:
     floss_burn_in: int = 10
     floss_batch: int = 1
     floss_lr: float = 1e-3
-    pre_steps: int = 500
+    pre_steps: int = 1500
     inter_every: int = 250
     inter_steps: int = 100
     inter_times: int = 3

@@ -85,7 +85,9 @@ class Config(train.LoopSettings):
 # batch 40: divides over 1, 2, 4 or 8 devices (--devices, multi-process runs)
 QUICK = {"steps": 20, "seeds": 2, "num_samples": 1000, "eval_every": 10, "log_every": 10,
          "checkpoint_every": 10, "batch_size": 40, "eval_batch_size": 200}  # fmt: skip
-TOUR: dict = {}  # the full recipe: the tour reproduces the published table (~100 s)
+# the tour: the same recipe for 1000 of its 6000 steps (the order claims, not the table)
+TOUR = {"steps": 1000, "eval_every": 500, "checkpoint_every": 1000}
+PAPER_STEPS = 6000  # the published table is checked on runs of the paper's length
 
 
 def ensemble_loss(logits, batch):
@@ -287,7 +289,18 @@ def claims(results: dict, cfg: Config) -> list[runs.Claim]:
             out.append(runs.Claim(
                 TOPIC, f"shuffling the 40 positions costs the {model.upper()} more accuracy "
                 f"than the MLP ({size})", holds, ev, cfg.seeds))  # fmt: skip
+    if cfg.steps >= PAPER_STEPS:  # the published table, on a run of the paper's length
+        for name, ok in checks(results).items():
+            out.append(runs.Claim(TOPIC, f"reproduces Greydanus (2020): {name}", ok,
+                                  _table_evidence(results), cfg.seeds))  # fmt: skip
     return out
+
+
+def _table_evidence(results: dict) -> str:
+    return "; ".join(
+        f"{s} {m} {100 * float(np.mean(a)):.1f}%" for s in SETTINGS
+        for m, a in results.get(s, {}).items()
+    )  # fmt: skip
 
 
 def report(results: dict, run_dir: runs.RunDir) -> str:
@@ -313,8 +326,13 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
             f"| {m} | {cell('default', m)} | {100 * PUBLISHED['default'][m]:.0f} "
             f"| {cell('shuffled', m)} | {100 * PUBLISHED['shuffled'][m]:.0f} |"
         )
-    lines += ["", "| check | passed |", "|---|---|"]
-    lines += [f"| {k} | {'yes' if v else 'NO'} |" for k, v in checks(results).items()]
+    cfg = runs.read_json(run_dir.config_path) if run_dir.config_path.exists() else {}
+    if cfg.get("steps", PAPER_STEPS) >= PAPER_STEPS:
+        lines += ["", "| check against the published table | passed |", "|---|---|"]
+        lines += [f"| {k} | {'yes' if v else 'NO'} |" for k, v in checks(results).items()]
+    else:
+        lines += ["", f"(A {cfg['steps']}-step run: the published table is checked on runs of "
+                  f"the paper's {PAPER_STEPS} steps.)"]  # fmt: skip
     lines += ["", "![accuracy](accuracy.png)", "", "![curves](curves.png)"]
     return "\n".join(lines)
 

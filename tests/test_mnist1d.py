@@ -223,9 +223,28 @@ def test_quick_run_report(quick_run):
         assert cells[1].startswith(f"{mean:.1f} ± ")
         assert cells[2] == f"{100 * E.PUBLISHED['default'][model]:.0f}"
         assert cells[4] == f"{100 * E.PUBLISHED['shuffled'][model]:.0f}"
-    for check in E.checks(results):
-        assert check in rows
+    assert f"(A {E.QUICK['steps']}-step run: the published table is checked" in text
     assert "![accuracy](accuracy.png)" in text
+
+
+def test_claims_order_matters_and_the_published_table_on_full_length_runs():
+    res = {
+        "default": {"logistic": [0.31] * 3, "mlp": [0.66, 0.67, 0.68], "cnn": [0.94, 0.95, 0.94],
+                    "gru": [0.91, 0.92, 0.91]},
+        "shuffled": {"logistic": [0.31] * 3, "mlp": [0.66, 0.66, 0.67], "cnn": [0.58, 0.6, 0.59],
+                     "gru": [0.55, 0.56, 0.57]},
+    }  # fmt: skip
+    short = E.claims(res, E.Config(steps=1000))
+    assert [c.holds for c in short] == [True, True, True] and all(c.seeds == 3 for c in short)
+    assert "1000 steps of batch 100" in short[0].claim
+    assert short[0].evidence.startswith("CNN 0.943 ± 0.003 vs MLP 0.670 ± 0.006 (3 seeds")
+    full = E.claims(res, E.Config())
+    assert len(full) == 3 + len(E.checks(res)) and all(c.holds for c in full)
+    # the MLP reading the shuffled data as well as the CNN: the order claims fail
+    res["default"]["cnn"] = [0.6, 0.7, 0.65]
+    res["shuffled"]["cnn"] = [0.6, 0.7, 0.65]
+    verdicts = [c.holds for c in E.claims(res, E.Config(steps=1000))]
+    assert verdicts == [False, False, True]
 
 
 def test_validation_mode_scores_on_held_out_training_examples(tmp_path):

@@ -40,7 +40,13 @@ def test_quick_run_end_to_end(tmp_path):
     assert (tmp_path / "r" / "accuracy_mnist_new_classes.png").stat().st_size > 0
     assert set(results["bar"]["passed"]) == {"mnist_new_classes"}
     md = exp.report(results, runs.RunDir(tmp_path / "r"))
-    assert "| gradual |" in md and "accuracy_mnist_new_classes.png" in md and "Bar" in md
+    assert "| gradual |" in md and "accuracy_mnist_new_classes.png" in md
+    assert "The issue's bar is judged on settings" in md  # one setting ran: no verdict here
+    (claim,) = exp.claims(results, cfg)  # 2 labels per class, 2 seeds
+    ft, sc = r["finetune_seeds"][0], r["scratch_seeds"][0]
+    d = np.subtract(ft, sc)
+    assert claim.holds == (d.mean() > 2 * d.std(ddof=1) / np.sqrt(2)) and claim.seeds == 2
+    assert claim.topic == "Transfer learning" and "2 label(s) per class" in claim.claim
 
 
 def test_settings_and_models():
@@ -137,6 +143,20 @@ def test_mnist_full_reads_the_idx_files(tmp_path):
     np.testing.assert_array_equal(target.y_test, full.y_test[full.y_test >= 5] - 5)
     src, tgt = exp.load_setting(cfg, "digits_to_mnist")
     assert src.name == "digits" and tgt.x_train.shape == full.x_train.shape
+
+
+def test_claims_fine_tune_against_scratch_paired():
+    def entry(ft, sc):
+        return {"labels_per_class": [1, 10], "finetune": [0, 0], "scratch": [0, 0],
+                "finetune_seeds": [ft, ft], "scratch_seeds": [sc, sc]}  # fmt: skip
+
+    cfg = exp.Config()
+    # every seed gains 0.05 or 0.06: a small, consistent gain is a clear paired win
+    (c,) = exp.claims({"mnist_new_classes": entry([0.45, 0.56, 0.66], [0.4, 0.5, 0.6])}, cfg)
+    assert c.holds and "2 SE" in c.evidence and "paired" in c.evidence  # 10 labels: not a claim
+    # the same means, but gains of +0.25, -0.1, 0.0: within noise
+    (c,) = exp.claims({"mnist_to_digits": entry([0.65, 0.4, 0.6], [0.4, 0.5, 0.6])}, cfg)
+    assert not c.holds and c.claim.startswith("MNIST -> 8x8 digits")
 
 
 def test_bar_check_paired_standard_error():
