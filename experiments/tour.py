@@ -213,14 +213,14 @@ def _fmt_runtime(s) -> str:
     return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
-def _full_claim(full: dict | None, claim: runs.Claim) -> str:
-    """The full run's verdict on the same topic, for the claims table."""
-    if not full:
+def _full_claim(full: dict | None, claim: runs.Claim, index: int) -> str:
+    """The full run's verdict on the same claim, for the claims table: the full run's
+    ``index``-th claim on the same topic (claims() lists them in the same order)."""
+    same = [runs.Claim.from_json(c) for c in (full or {}).get("claims", [])]
+    same = [c for c in same if c.topic == claim.topic]
+    if index >= len(same):
         return "not recorded"
-    same = [runs.Claim.from_json(c) for c in full["claims"] if c["topic"] == claim.topic]
-    if not same:
-        return "not recorded"
-    c = same[0]
+    c = same[index]
     return f"{'pass' if c.holds else 'FAIL'}: {c.evidence}"
 
 
@@ -262,14 +262,16 @@ def claims_table(entries: list[dict]) -> list[str]:
     rows = []
     covered = set()
     for e in entries:
+        seen: dict[str, int] = {}
         for c in e.get("claims", []):
             covered.add(c.topic)
+            index = seen[c.topic] = seen.get(c.topic, -1) + 1
             rows.append(
                 (
                     NOTES_TOPICS.index(c.topic) if c.topic in NOTES_TOPICS else len(NOTES_TOPICS),
                     f"| {c.topic} | {c.claim} | [{e['name']}](#{e['name']}) | "
                     f"{'pass' if c.holds else '**FAIL**'} | {c.evidence} | "
-                    f"{_full_claim(full_runs.get(e['name']), c)} |",
+                    f"{_full_claim(full_runs.get(e['name']), c, index)} |",
                 )
             )
         if "claims_error" in e or (e["status"] == "failed" and hasattr(e["module"], "claims")):
