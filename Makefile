@@ -18,7 +18,7 @@ run: install
 	$(PY) -m experiments.tour
 
 test: install
-	$(PY) -m pytest -q -m "not slow" -n auto
+	$(PY) -m pytest -q -m "not slow" -n auto --durations=15
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
