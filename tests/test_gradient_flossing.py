@@ -80,3 +80,20 @@ def test_registered_in_the_tour():
     listing = importlib.import_module("experiments.__main__")
     assert "experiments.gradient_flossing" in [m.__name__ for m in listing.discover()]
     assert runs.config_from_args(gf, gf.TOUR).steps <= 1000
+
+
+def test_claims_exponent_bar_and_flossing_against_plain_at_the_longest_delay():
+    cfg = runs.config_from_args(gf, gf.TOUR)
+    res = {
+        "exponents": {"max_abs_deviation_after_preflossing": 0.04, "init": [-0.3, -0.9]},
+        "tasks": {"copy": {"delays": [5, 20], "plain": [5, 0], "pre_inter": [5, 3],
+                           "plain_accuracy": [[1.0] * 5, [0.70, 0.72, 0.74, 0.76, 0.78]],
+                           "pre_inter_accuracy": [[1.0] * 5, [0.90, 0.93, 0.88, 0.95, 0.91]]}},
+    }  # fmt: skip
+    bar, copy = gf.claims(res, cfg)
+    assert bar.holds and "0.040" in bar.evidence and "0.900" in bar.evidence  # init |-0.9|
+    assert copy.holds and "delay 20" in copy.claim and "successes" in copy.evidence
+    assert "3/5 vs 0/5" in copy.evidence
+    res["exponents"]["max_abs_deviation_after_preflossing"] = 0.06
+    res["tasks"]["copy"]["pre_inter_accuracy"][1] = [0.71, 0.72, 0.75, 0.75, 0.79]
+    assert [c.holds for c in gf.claims(res, cfg)] == [False, False]
