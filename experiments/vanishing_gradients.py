@@ -124,13 +124,16 @@ def _fit(
     steps: int,
     log_every: int,
     seed: int | None = None,
+    trainer: train.Trainer | None = None,
 ):
     """Train a RecurrentReadout on fresh adding batches; returns (state, history, error).
     Evaluates on (x_test, y_test) at the end unless x_test is None. ``seed`` (default
-    ``cfg.seed``) picks the initialisation and the training batches."""
+    ``cfg.seed``) picks the initialisation and the training batches; ``trainer`` (one per
+    cell and optimizer) lets the seeds share one compiled step."""
     seed = cfg.seed if seed is None else seed
     model = RecurrentReadout(cell, cfg.hidden)
-    trainer = train.Trainer(model, train.mse_loss, optimizer)
+    if trainer is None:
+        trainer = train.Trainer(model, train.mse_loss, optimizer)
     batch_fn = data.adding_batches(cfg.batch_size, cfg.seq_len, seed)
     state = trainer.init(jax.random.key(seed), batch_fn(0))
     if params0 is not None:
@@ -166,8 +169,9 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         model = RecurrentReadout(cell, cfg.hidden)
         params0 = jax.jit(model.init)(jax.random.key(cfg.seed), x[:1])["params"]
         tx = train.make_optimizer("adam", cfg.lr, clip_norm=1.0)
+        trainer = train.Trainer(model, train.mse_loss, tx)
 
-        def one(sub, seed, cell=cell, model=model, tx=tx):
+        def one(sub, seed, cell=cell, model=model, tx=tx, trainer=trainer):
             state, history, err = _fit(
                 cfg,
                 cell,
@@ -178,6 +182,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 steps=cfg.train_steps,
                 log_every=max(cfg.train_steps // 20, 1),
                 seed=seed,
+                trainer=trainer,
             )
             if err is not None:
                 raise err
@@ -236,8 +241,9 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     spiky = _set_sigma(base, cfg.spike_sigma)
     for label, clip in (("no_clip", None), ("clip", cfg.clip_norm)):
         tx = train.make_optimizer("sgd", cfg.spike_lr, momentum=0.0, clip_norm=clip)
+        spike_trainer = train.Trainer(RecurrentReadout("rnn", cfg.hidden), train.mse_loss, tx)
 
-        def spike_run(sub, tx=tx, seed=cfg.seed):
+        def spike_run(sub, tx=tx, seed=cfg.seed, trainer=spike_trainer):
             _, history, err = _fit(
                 cfg,
                 "rnn",
@@ -249,6 +255,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
                 steps=cfg.spike_steps,
                 log_every=1,
                 seed=seed,
+                trainer=trainer,
             )
             recs = [r for r in history if "loss" in r and "event" not in r]
             losses = np.array([r["loss"] for r in recs])
