@@ -178,12 +178,16 @@ def _command(name: str, overrides: dict) -> str:
     return " ".join(parts)
 
 
-def record_full_run(name, run_dir: str | Path, path: str | Path | None = None) -> dict:
+def record_full_run(
+    name, run_dir: str | Path, path: str | Path | None = None, note: str = ""
+) -> dict:
     """Write one experiment's full-size run into ``full_runs.json`` from its run directory.
 
     The claims are the module's own ``claims(results, cfg)`` on the run's results.json and
     config.json; the command is rebuilt from the config fields that differ from the
-    defaults; runtime and date come from the run's DONE marker. Other entries are kept.
+    defaults; runtime and date come from the run's DONE marker; ``note`` says anything the
+    reader needs about how it ran (e.g. a machine shared with other jobs). Other entries
+    are kept.
     """
     mod = runs.load_module(name)
     name = runs.experiment_name(mod)
@@ -201,6 +205,8 @@ def record_full_run(name, run_dir: str | Path, path: str | Path | None = None) -
         "source": f"results.json of {rd.path.as_posix()}",
         "claims": [c.to_json() for c in mod.claims(rd.results(), cfg)],
     }
+    if note:
+        entry["note"] = note
     recorded = read_full_runs(path)
     recorded[name] = entry
     runs.write_json(FULL_RUNS if path is None else path, dict(sorted(recorded.items())))
@@ -245,7 +251,8 @@ def _claims_block(entry: dict) -> list[str]:
             "",
             f"**Full-size run** (recorded {full.get('date') or 'undated'}, "
             f"{_fmt_runtime(full.get('runtime_s'))} on this 2-core machine; "
-            f"{full.get('source', '')}): `{full['command']}`",
+            f"{full.get('source', '')}): `{full['command']}`"
+            + (f" ({full['note']})" if full.get("note") else ""),
         ]
         lines += [
             f"- {'pass' if c['holds'] else '**FAIL**'}: {c['claim']}. {c['evidence']}"
@@ -365,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--devices", type=int, default=1, help="data-parallel devices")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--note", type=str, default="", help="with --record: a note on how it ran")
     p.add_argument(
         "--record",
         nargs=2,
@@ -375,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.record:
         try:
-            entry = record_full_run(*a.record)
+            entry = record_full_run(*a.record, note=a.note)
         except (ValueError, runs.RunError, ModuleNotFoundError) as e:
             p.exit(2, f"error: {e}\n")
         print(json.dumps(entry, indent=2))
