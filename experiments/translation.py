@@ -401,8 +401,12 @@ def claims(results: dict, cfg: Config) -> list[runs.Claim]:
             topic="Attention vs no attention",
             claim=(
                 f"G2P on CMUdict ({_setting(cfg, results)}): with {cfg.attention} attention "
-                "the test word error rate is lower than without it, by more than 2 standard "
-                "errors over seeds"
+                "the test word error rate is lower than without it"
+                + (
+                    ", by more than 2 standard errors over seeds"
+                    if n > 1
+                    else " (one seed: the two numbers alone)"
+                )
             ),
             holds=holds,
             evidence=evidence,
