@@ -43,8 +43,10 @@ class Config(train.LoopSettings):
     Command line: ``python -m experiments.translation [--steps 12000] [--hidden 256]``
     Runtime (measured on 2 quiet CPU cores): the full config trains two g2p models for
     ``steps`` each, the attention model in 10.8 min and the other in 5.8 min; 17 min in all.
-    ``--quick``: about 1 minute. Tour (3 seeds of each arm, hidden 64, 300 steps, words
-    of at most 8 letters, no Korean): TOUR_CPU.
+    ``--quick``: about 1 minute. Tour (3 seeds of each arm, hidden 64, 400 steps, words
+    of at most 8 letters, no Korean): 84 s CPU (user + sys; measured at load 13 on the
+    shared 2 cores, 4 min 2 s wall there; about 50 s wall when quiet), attention WER
+    51.7 ± 1.2% vs no attention 76.6 ± 4.3% on 500 test words.
     Measured (seed 0, twice, identical): attention WER 25.8%, PER 6.1%; no attention WER
     29.7%, PER 7.6%; numbers to Korean words 99.7% exact.
     Expected: attention WER <= 30% (published 21.7% on the standard split) and below
@@ -370,8 +372,14 @@ def _setting(cfg: Config, results: dict) -> str:
     return (
         f"bi-{cfg.cell.upper()} encoder, {cfg.cell.upper()} decoder, hidden {cfg.hidden}, "
         f"{cfg.steps} Adam steps (lr {cfg.lr:g}) of batch {cfg.batch_size} on "
-        f"{results['train_words']:,} training words, {decode} of "
-        f"{results['test_words']:,} test words"
+        f"{results['train_words']:,} training words"
+        + (
+            f" of at most {cfg.max_word_len} letters and phonemes"
+            if cfg.max_word_len is not None
+            else ""
+        )
+        + f", {decode} of {results['test_words']:,} test words, "
+        + _seeds(len(results["g2p"]["attention"]["wer"]))
     )
 
 

@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from experiments import translation
 from experiments.tour import NOTES_TOPICS
@@ -33,6 +34,9 @@ def test_quick_run_reports_g2p_and_korean(tmp_path):
         assert (tmp_path / "r" / f"{plot}.png").exists()
 
 
+# three seq2seq compilations and trainings: about 3 min at load 12 (char_lm's test of the
+# same seed threading runs in the default suite)
+@pytest.mark.slow
 def test_seeds_run_one_after_another_equal_one_seed_runs(tmp_path):
     tiny = {"steps": 12, "max_train_words": 600, "max_eval_words": 40, "korean": False}
     tiny |= {"compare_no_attention": False, "checkpoint_every": 12, "log_every": 4}
@@ -69,7 +73,8 @@ def test_claims_attention_beats_no_attention_by_two_standard_errors():
     cfg = translation.Config(**translation.TOUR)
     (c,) = translation.claims(_results([0.40, 0.42, 0.41], [0.50, 0.52, 0.51]), cfg)
     assert c.topic in NOTES_TOPICS and c.holds and c.seeds == 3
-    assert f"{cfg.steps} Adam steps" in c.claim and "1,000 test words" in c.claim
+    assert f"{cfg.steps} Adam steps" in c.claim and "1,000 test words, 3 seeds" in c.claim
+    assert "of at most 8 letters" in c.claim
     se = math.sqrt(2) * 1.0 / math.sqrt(3)  # each side: sd 1 point over 3 seeds
     assert "41.0 ± 0.6" in c.evidence and f"2 SE {2 * se:.1f}" in c.evidence
     # better means that overlap within 2 SE do not count: 45 vs 47, SE of the difference 1.6
@@ -86,5 +91,5 @@ def test_claims_on_a_one_seed_full_run():
     res["test_words"] = 6246
     (c,) = translation.claims(res, cfg)
     assert c.holds and c.seeds == 1 and "no standard error" in c.evidence
-    assert "12000 Adam steps" in c.claim and "hidden 256" in c.claim
+    assert "12000 Adam steps" in c.claim and "hidden 256" in c.claim and "1 seed" in c.claim
     assert not translation.claims(_results([0.30], [0.297]), cfg)[0].holds
