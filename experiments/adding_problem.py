@@ -52,7 +52,10 @@ class Config:
     on the 0.167 plateau for ~1000 (T = 100) / ~2000 (T = 200) steps first.
     Copy task, delay 50, 3000 steps: cross-entropy RNN 0.297 (= the memoryless baseline,
     copied symbols at chance 0.13), LSTM 0.289 (0.16), GRU 0.224 (0.34).
-    The tour (`TOUR`) runs a smaller claim over 3 seeds; see the README.
+    The tour (`TOUR`) runs a smaller claim: T = 50, hidden 32, 1000 steps, 3 seeds, no copy
+    task; measured 66 CPU s (user + sys; 2.5 min wall on the shared machine at load 12),
+    test MSE tanh RNN 0.1657 ± 0.0024, LSTM 0.0060 ± 0.0030, GRU 0.0018 ± 0.0009 (mean ±
+    SE): LSTM and GRU solve it on every seed, the tanh RNN on none.
 
     ``seeds``: seeds ``seed, seed + 1, ...`` trained together (see the module docstring).
     ``lstm_forget_bias``: the LSTM's forget-gate bias starts at this value (Gers et al.
@@ -95,7 +98,8 @@ QUICK = {
 # The tour's claim, the same code and one optimiser, lr and budget for every cell: T = 50,
 # 1000 steps, 3 seeds (measured: LSTM and GRU < 0.013 on every seed, tanh RNN >= 0.16). The
 # copy task is left out (copy_steps = 0): at delay 20 (5 symbols) no cell passes 0.2
-# copied-symbol accuracy in 800 steps, at delay 10 (3 symbols) the tanh RNN learns it too.
+# copied-symbol accuracy in 800 steps, at delay 10 (3 symbols) the tanh RNN learns it as well
+# as the gated cells (0.24-0.73 over 3 seeds vs LSTM 0.23-0.38, GRU 0.27-0.44).
 TOUR = {"lengths": (50,), "hidden": 32, "steps": 1000, "eval_every": 200, "copy_steps": 0,
         "seeds": 3}  # fmt: skip
 
@@ -480,8 +484,9 @@ def _plots(cfg: Config, results: dict, run_dir: runs.RunDir) -> None:
 def _config_text(cfg: dict) -> str:
     g = cfg.get
     return (
-        f"{g('seeds', 1)} seed(s) from {g('seed', 0)}; {g('steps', '?')} steps (copy task "
-        f"{g('copy_steps', '?')}) of batch {g('batch_size', '?')}, hidden {g('hidden', '?')}, "
+        f"{g('seeds', 1)} seed(s) from {g('seed', 0)}; {g('steps', '?')} steps ("
+        + (f"copy task {g('copy_steps')}" if g("copy_steps") else "no copy task")
+        + f") of batch {g('batch_size', '?')}, hidden {g('hidden', '?')}, "
         f"Adam lr {g('lr', '?')}, clip {g('clip_norm', '?')}, LSTM forget bias "
         f"{g('lstm_forget_bias', '?')}, the same for every cell"
         + (f", truncated BPTT {g('tbptt')}" if g("tbptt") else "")
