@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +45,15 @@ def test_member_k_of_an_ensemble_is_the_one_seed_run_with_seed_plus_k(tmp_path):
     grads = [r["grad_norm"] for r in runs.RunDir(tmp_path / "one/T8-lstm").metrics()
              if "grad_norm" in r]  # fmt: skip
     assert min(grads) > 10 * TINY["clip_norm"]
+
+    # a run killed after its step-3 checkpoint resumes there and ends where it ended
+    run, sub = tmp_path / "three", tmp_path / "three/T8-lstm"
+    for done in (run / "DONE", run / "results.json", sub / "DONE", sub / "results.json"):
+        done.unlink()
+    shutil.rmtree(sub / "checkpoints/6")
+    assert sorted(p.name for p in (sub / "checkpoints").iterdir()) == ["3"]
+    again = runs.run_experiment(ap, {**TINY, "seeds": 3}, run, progress=False)
+    assert again["T8"]["lstm"] == three["T8"]["lstm"]
 
 
 def test_seeds_must_be_positive(tmp_path):
