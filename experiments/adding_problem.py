@@ -45,13 +45,14 @@ class Config:
     """Adding problem (T = 100, 200) and copy task (delay 50): tanh RNN vs LSTM vs GRU.
 
     Command line: ``python -m experiments.adding_problem [--lengths 100 200] [--steps 4000]
-    [--seeds 3]``. Runtime (1 seed): about 6 minutes of CPU (8.5 min wall on 2 shared
-    cores; the LSTM at T = 200, the longest run, about 100 s); ``--quick``: about 15 s.
-    Expected (seed 0, measured): test MSE T = 100: RNN 0.178, LSTM 0.0006, GRU 0.0001;
-    T = 200: RNN 0.179, LSTM 0.0001, GRU 0.0001 (predicting 1 gives 0.167). The LSTM sits
-    on the 0.167 plateau for ~1000 (T = 100) / ~2000 (T = 200) steps first.
-    Copy task, delay 50, 3000 steps: cross-entropy RNN 0.297 (= the memoryless baseline,
-    copied symbols at chance 0.13), LSTM 0.289 (0.16), GRU 0.224 (0.34).
+    [--seeds 3]``. Runtime (1 seed): 13.2 CPU min (user + sys), 29 min wall on the shared
+    2-core machine at load 5-14 (the LSTM at T = 200, the longest sub-run, 203 CPU s);
+    ``--quick``: about 15 s. Expected (seed 0, measured): test MSE T = 100: RNN 0.1667,
+    LSTM 0.0001, GRU 0.0003; T = 200: RNN 0.1767, LSTM 0.0007, GRU 0.0001 (predicting 1
+    gives 0.167). The LSTM sits on the 0.167 plateau for ~1500 (T = 100) / ~2500
+    (T = 200) steps first. Copy task, delay 50, 3000 steps: cross-entropy RNN 0.297 (= the
+    memoryless baseline; copied symbols 0.128, chance 0.125), LSTM 0.270 (0.176), GRU
+    0.236 (0.339).
     The tour (`TOUR`) runs a smaller claim: T = 50, hidden 32, 1000 steps, 3 seeds, no copy
     task; measured 66 CPU s (user + sys; 2.5 min wall on the shared machine at load 12),
     test MSE tanh RNN 0.1657 ± 0.0024, LSTM 0.0060 ± 0.0030, GRU 0.0018 ± 0.0009 (mean ±
