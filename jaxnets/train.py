@@ -56,6 +56,7 @@ __all__ = [
     "make_eval_step",
     "evaluate",
     "make_optimizer",
+    "per_member",
     "he_schedule",
     "cross_entropy",
     "masked_cross_entropy",
@@ -392,6 +393,25 @@ def make_optimizer(
     if clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
     return opt
+
+
+def per_member(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` for an ensemble whose parameters are stacked on a leading member axis
+    (`jaxnets.models.small.Ensemble`): each member gets its own copy of ``tx``
+    (``jax.vmap`` of its init and update over axis 0), so a transformation that is not
+    elementwise, such as ``clip_by_global_norm``, sees one member's gradient only and every
+    member follows exactly the run it would have alone.
+    """
+
+    def init(params):
+        return jax.vmap(tx.init)(params)
+
+    def update(updates, state, params=None):
+        if params is None:
+            return jax.vmap(lambda u, s: tx.update(u, s))(updates, state)
+        return jax.vmap(tx.update)(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
 
 
 # --- steps -----------------------------------------------------------------------------------

@@ -71,21 +71,23 @@ def test_adding_problem_quick(tmp_path):
     (T,) = cfg.lengths
     assert set(res[f"T{T}"]) == set(cfg.cells)
     for mse in res[f"T{T}"].values():
-        assert math.isfinite(mse) and 0 <= mse < 1.0  # targets lie in [0, 2]
+        assert len(mse) == cfg.seeds  # one test MSE per seed
+        assert all(math.isfinite(m) and 0 <= m < 1.0 for m in mse)  # targets lie in [0, 2]
     copy = res[f"copy{cfg.copy_delay}"]
     assert copy["baseline_ce"] == pytest.approx(10 * math.log(8) / (cfg.copy_delay + 20))
     for cell in cfg.cells:
-        assert 0 <= copy[cell]["copy_accuracy"] <= 1
+        assert all(0 <= a <= 1 for a in copy[cell]["copy_accuracy"])
     run_dir = runs.RunDir(tmp_path / "r")
     assert run_dir.plot_path("adding_mse").exists()
     md = adding_problem.report(res, run_dir)
     assert f"| {T} | lstm |" in md
+    assert len(adding_problem.claims(res, cfg)) == 4  # adding: 1 + 1 compare; copy: 1 + 1
 
 
 def test_copy_loss_masks_padded_examples():
     """Eval batches mask whole examples; the loss must ignore them at every token."""
     loss_fn = jax.jit(adding_problem.copy_loss(2))
-    y = jnp.array([[1, 2, 3], [4, 5, 6]])
+    y = jnp.array([[1, 2, 3], [4, 5, 6]])[:, None]  # (batch 2, members 1, time 3)
     logits = jax.nn.one_hot(y, 10) * 5.0
     bad = logits.at[1].set(0.0)  # the padded example is wrong everywhere
     mask = jnp.array([True, False])

@@ -93,6 +93,42 @@ def test_clip_by_global_norm_bounds_the_update():
     np.testing.assert_allclose(m["update_norm"], 1e-3, rtol=1e-4)
 
 
+def test_per_member_optimizer_updates_each_member_as_alone():
+    """per_member(clip + Adam) on parameters stacked over 3 members equals the plain
+    optimizer run on each member by itself, while a global clip would couple them."""
+    rng = np.random.default_rng(0)
+    params = {
+        "w": rng.normal(size=(3, 4, 2)).astype(np.float32),
+        "b": rng.normal(size=(3, 2)).astype(np.float32),
+    }
+    grads = [
+        {
+            "w": np.float32(s) * rng.normal(size=(3, 4, 2)).astype(np.float32),
+            "b": np.float32(s) * rng.normal(size=(3, 2)).astype(np.float32),
+        }
+        for s in (5.0, 0.01, 3.0)
+    ]
+    tx = train.make_optimizer("adam", 0.1, clip_norm=1.0)
+    ens = train.per_member(tx)
+    p, st = params, ens.init(params)
+    for g in grads:
+        u, st = ens.update(g, st, p)
+        p = optax.apply_updates(p, u)
+    for k in range(3):
+        pk = jax.tree.map(lambda a, k=k: a[k], params)
+        sk = tx.init(pk)
+        for g in grads:
+            u, sk = tx.update(jax.tree.map(lambda a, k=k: a[k], g), sk, pk)
+            pk = optax.apply_updates(pk, u)
+        for name in ("w", "b"):
+            np.testing.assert_allclose(p[name][k], pk[name], rtol=1e-6)
+    coupled, cst = params, tx.init(params)
+    for g in grads:
+        u, cst = tx.update(g, cst, coupled)
+        coupled = optax.apply_updates(coupled, u)
+    assert not np.allclose(coupled["w"], p["w"], rtol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_weight_decay_first_step_matches_the_closed_form(name):
     """Step 1 by hand: Adam's first update is -lr * g/(|g| + eps) (bias-corrected moments);
