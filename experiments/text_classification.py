@@ -39,14 +39,20 @@ MODELS = {
 class Config(train.LoopSettings):
     """Fortune-collection classification with four recurrent models and a baseline.
 
-    Command line: ``python -m experiments.text_classification [--models lstm bilstm]``
+    Command line: ``python -m experiments.text_classification [--models lstm bilstm]
+    [--seeds 3]``
     Runtime: the full config took 5 min of CPU time (measured on a shared machine);
-    ``--quick``: under a minute; tour: about 40 s.
+    ``--quick``: under a minute; tour: about 75 s of CPU time (3 seeds of 3 models).
     Measured (seed 0, test accuracy): bag of characters 0.848, tanh RNN 0.706, LSTM 0.832,
-    GRU 0.883, bi-LSTM 0.861.
+    GRU 0.883, bi-LSTM 0.861. Tour (64 characters, 400 steps, mean ± SE of 3 seeds): bag
+    0.773, tanh RNN 0.562 ± 0.004, LSTM 0.759 ± 0.014, GRU 0.822 ± 0.010.
     Expected: gated models (LSTM/GRU/bi-LSTM) well above the tanh RNN, which struggles to
     carry information over hundreds of characters; bag of characters is a strong
-    order-free baseline.
+    order-free baseline, which the GRU beats.
+
+    ``seeds``: seeds ``seed, seed+1, ..`` of every recurrent model train one after another
+    on one compiled step (initial weights, batch order and dropout differ; the split is
+    ``seed``'s for all); results hold one value per seed.
     """
 
     seed: int = 0
@@ -75,13 +81,19 @@ QUICK = {
     "eval_every": 0,
     "checkpoint_every": 30,
 }
+# The tour: the first 64 characters of each entry, 3 seeds of the three cells (the bi-LSTM
+# is left out for time), 400 steps at lr 6e-3 for every one (lr 3e-3 for 500 steps was also
+# tried for all three: GRU 0.797 ± 0.010 vs bag 0.773, LSTM 0.724 ± 0.030, tanh 0.599 ± 0.020).
 TOUR = {
-    "max_chars": 192,
+    "seeds": 3,
+    "models": ("rnn", "lstm", "gru"),
+    "max_chars": 64,
     "hidden": 64,
-    "steps": 250,
-    "log_every": 25,
-    "eval_every": 125,
-    "checkpoint_every": 125,
+    "steps": 400,
+    "lr": 6e-3,
+    "log_every": 50,
+    "eval_every": 0,
+    "checkpoint_every": 200,
 }
 
 
