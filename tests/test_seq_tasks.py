@@ -112,3 +112,25 @@ def test_bag_of_symbols_ignores_padding():
     np.testing.assert_allclose(f[0, [4, 5]], [2 / 3, 1 / 3])
     np.testing.assert_allclose(f[1, 6], 1.0)
     np.testing.assert_allclose(f.sum(1), 1.0)
+
+
+def test_predictions_equal_argmax_and_compile_once_per_model():
+    """predict_classes / predict_tags: the argmax of a direct apply (every example once,
+    the padded last batch cut), and a second set of weights of the same model (another
+    seed) reuses the compiled function."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 9, (7, 5)).astype(np.int32)
+    lengths = rng.integers(1, 6, 7).astype(np.int32)
+    data = {"x": x, "lengths": lengths}
+    clf = M.SequenceClassifier(9, 3, embed_dim=4, hidden_size=6, cell="gru")
+    tagger = M.Tagger(9, 2, embed_dim=4, hidden_size=6, cell="lstm")
+    before = tasks._argmax_logits._cache_size()
+    for seed in (0, 1):
+        v = clf.init(jax.random.key(seed), x, lengths)
+        want = np.argmax(np.asarray(clf.apply(v, x, lengths)), -1)
+        np.testing.assert_array_equal(tasks.predict_classes(clf, v, data, batch_size=4), want)
+        vt = tagger.init(jax.random.key(seed), x, lengths)
+        full = np.argmax(np.asarray(tagger.apply(vt, x, lengths)), -1)
+        got = tasks.predict_tags(tagger, vt, data, batch_size=4)
+        assert [g.tolist() for g in got] == [full[i, : lengths[i]].tolist() for i in range(7)]
+    assert tasks._argmax_logits._cache_size() - before == 2  # one per model, not per seed

@@ -15,6 +15,7 @@ the token loss multiplies it in.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -318,11 +319,16 @@ def _batched(data: dict[str, np.ndarray], batch_size: int):
         yield start, min(batch_size, n - start), {k: v[idx] for k, v in data.items()}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _argmax_logits(model, variables, x, lengths):
+    # One compilation per (model, shapes): the seeds of a model share it.
+    return jnp.argmax(model.apply(variables, x, lengths), -1)
+
+
 def predict_classes(model, variables, data: dict[str, np.ndarray], batch_size: int = 256):
     """Argmax class of every example, ``(N,)`` int."""
-    fn = jax.jit(lambda v, x, n: jnp.argmax(model.apply(v, x, n), -1))
     out = [
-        np.asarray(fn(variables, b["x"], b["lengths"]))[:k]
+        np.asarray(_argmax_logits(model, variables, b["x"], b["lengths"]))[:k]
         for _, k, b in _batched(data, batch_size)
     ]
     return np.concatenate(out)
@@ -330,10 +336,9 @@ def predict_classes(model, variables, data: dict[str, np.ndarray], batch_size: i
 
 def predict_tags(model, variables, data: dict[str, np.ndarray], batch_size: int = 256):
     """Argmax tag sequences cut to each example's length: a list of ``(len,)`` arrays."""
-    fn = jax.jit(lambda v, x, n: jnp.argmax(model.apply(v, x, n), -1))
     out = []
     for _, k, b in _batched(data, batch_size):
-        tags = np.asarray(fn(variables, b["x"], b["lengths"]))
+        tags = np.asarray(_argmax_logits(model, variables, b["x"], b["lengths"]))
         out += [tags[i, : b["lengths"][i]] for i in range(k)]
     return out
 
