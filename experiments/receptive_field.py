@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from typing import Literal
 
@@ -48,13 +49,18 @@ class Config:
     Command line: ``python -m experiments.receptive_field [--width 32] [--steps 800]
     [--seeds 3]``
     Runtime (measured on a heavily shared 2-core machine, CPU time in brackets): default
-    25 min wall [6.8 min CPU]; ``TOUR`` 10 min wall [1.6 min CPU]; ``--quick`` 1.3 min wall
-    [22 s CPU]. On a free laptop expect about the CPU time.
+    25 min wall [6.8 min CPU]; ``TOUR`` (3 seeds x 4 nets, width 16, 300 Adam steps at batch
+    32 and lr 5e-3 on the first 200 training images) 3.0 min wall at load ~8 [~1.9 min CPU];
+    ``--quick`` 1.3 min wall [22 s CPU]. On a free laptop expect about the CPU time.
     Expected (measured, default config): extents 5x5 / 5x5 / 7x7 / 7x7; weights 18, 25, 27,
     49 x C^2; test accuracy (3 seeds) 3x3x2 0.986 +- 0.002 vs 5x5 0.990 +- 0.001, 3x3x3
     0.991 +- 0.001 vs 7x7 0.992 +- 0.002 (all nets fit the training set): differences of one
-    or two test images, within two standard errors; ``TOUR`` (one seed): 0.989 vs 0.986 and
-    0.992 vs 0.994. With ``--train-examples 200 --seeds 5`` (not saturated; 9 min on 2
+    or two test images, within two standard errors. ``TOUR`` (3 seeds, mean ± standard
+    error; every net fits its 200 training images): 3x3x2 0.849 ± 0.009 vs 5x5 0.872 ±
+    0.007, 3x3x3 0.850 ± 0.002 vs 7x7 0.878 ± 0.002: at this width and budget the large
+    kernels are 2-3 points more accurate (the 3x3x3 vs 7x7 "not less accurate" claim fails;
+    at the default lr 2e-3 the stacked nets had not fitted their training images in 300
+    steps, train accuracy 0.67-1.0, hence lr 5e-3 for every net). With ``--train-examples 200 --seeds 5`` (not saturated; 9 min on 2
     quiet cores): 3x3x2 0.891 +- 0.005 vs 5x5 0.885 +- 0.007 (the stack at least as
     accurate with 27% fewer parameters), 3x3x3 0.872 +- 0.013 vs 7x7 0.885 +- 0.007.
     """
@@ -74,7 +80,10 @@ class Config:
 
 
 QUICK = {"seeds": 1, "width": 8, "steps": 40, "log_every": 20}
-TOUR = {"seeds": 1, "steps": 500}
+# Not saturated (200 training images), 3 seeds, narrower and shorter than the default so
+# that the 12 trainings fit the tour's budget; lr 5e-3 for every net, as at 2e-3 the
+# stacked nets had not fitted their training images in 300 steps (see the Config docstring).
+TOUR = {"seeds": 3, "train_examples": 200, "width": 16, "steps": 300, "batch_size": 32, "lr": 5e-3}
 
 
 class KernelNet(nn.Module):
@@ -197,13 +206,11 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
             "runtime_s": float(np.sum([r["runtime_s"] for r in per_seed])),
         }
 
-    claims = {}
+    checks = {}
     for small, large in PAIRS:
-        claims[f"{small}_vs_{large}"] = {
+        checks[f"{small}_vs_{large}"] = {
             "same_receptive_field": stacks[small]["extent"] == stacks[large]["extent"],
             "fewer_weights": stacks[small]["kernel_weights"] < stacks[large]["kernel_weights"],
-            "accuracy_at_least": training[small]["test_accuracy"]
-            >= training[large]["test_accuracy"],
             "fewer_params_in_trained_net": training[small]["params"] < training[large]["params"],
             **accuracy_gap(training[small]["test_accuracies"], training[large]["test_accuracies"]),
         }
@@ -212,10 +219,69 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
         del s["rf_map"]  # plotted; too bulky for results.json
     return {
         "width": cfg.width,
+        "train_examples": len(ds.y_train),
         "receptive_field": stacks,
         "training": training,
-        "claims": claims,
+        "claims": checks,
+        "config": runs._config_json(cfg),
     }
+
+
+def closed_form(layers: int, kernel: int, channels: int) -> tuple[int, int]:
+    """(receptive field side, conv weights) of ``layers`` stacked stride-1 ``kernel`` x
+    ``kernel`` convs, C -> C without bias: each layer adds kernel - 1 to the side, so
+    ``layers * (kernel - 1) + 1``; each holds kernel^2 C^2 weights."""
+    return layers * (kernel - 1) + 1, layers * kernel * kernel * channels * channels
+
+
+def claims(results: dict, cfg: Config) -> list[runs.Claim]:
+    """VGG's argument as checked claims.
+
+    Per pair (two 3x3 vs one 5x5, three 3x3 vs one 7x7): (1) deterministic: the receptive
+    field measured from the gradient is the closed form ``layers * (k - 1) + 1`` for both
+    stacks (5x5, 7x7) and the conv weights are the closed form ``layers * k^2 * C^2``
+    (18 vs 25, 27 vs 49 x C^2), fewer for the stack; (2) over seeds: the stacked net is not
+    less accurate: its mean test accuracy is at least the large kernel's minus 2 standard
+    errors of the difference (the large kernel does not beat it in `runs.compare`'s sense),
+    and it has fewer parameters. The notes claim fewer parameters and more
+    non-linearities, not higher accuracy; that is what is checked. One seed: the test is on
+    the means alone (``min_seeds=1``) and the evidence says so.
+    """
+    topic = "VGG: stacked 3x3 convolutions"
+    rf, tr, c = results["receptive_field"], results["training"], results["width"]
+    out = []
+    for small, large in PAIRS:
+        (side_s, w_s), (side_l, w_l) = (closed_form(*VARIANTS[n], c) for n in (small, large))
+        ext_s, ext_l = rf[small]["extent"], rf[large]["extent"]
+        holds = (
+            ext_s == [side_s, side_s] and ext_l == [side_l, side_l] and side_s == side_l
+            and rf[small]["kernel_weights"] == w_s and rf[large]["kernel_weights"] == w_l
+            and w_s < w_l
+        )  # fmt: skip
+        layers, k = VARIANTS[small][0], VARIANTS[large][1]
+        out.append(runs.Claim(
+            topic, f"{layers} stacked 3x3 convs see the same {side_l}x{side_l} receptive field "
+            f"as one {k}x{k} conv (measured from the gradient) with {w_s // c**2} C^2 < "
+            f"{w_l // c**2} C^2 weights (C = {c})", bool(holds),
+            f"receptive field {'x'.join(map(str, ext_s))} vs {'x'.join(map(str, ext_l))}; conv "
+            f"weights {rf[small]['kernel_weights']:,} vs {rf[large]['kernel_weights']:,}",
+        ))  # fmt: skip
+    n_train = results.get("train_examples", cfg.train_examples or "all")
+    for small, large in PAIRS:
+        a, b = tr[small]["test_accuracies"], tr[large]["test_accuracies"]
+        n = min(len(a), len(b))
+        beaten, ev = runs.compare(
+            b, a, higher_is_better=True, names=(large, small), min_seeds=1 if n == 1 else 3
+        )
+        fewer = tr[small]["params"] < tr[large]["params"]
+        out.append(runs.Claim(
+            topic, f"{small} is not less accurate than {large} with fewer parameters "
+            f"({tr[small]['params']:,} vs {tr[large]['params']:,}): mean test accuracy >= "
+            f"{large}'s - 2 SE of the difference (digits 16x16, {n_train} training images, "
+            f"{cfg.steps} {cfg.optimizer} steps, width {c}, {n} seed{'s' if n > 1 else ''})",
+            bool(fewer and not beaten), f"test accuracy {ev}", n,
+        ))  # fmt: skip
+    return out
 
 
 def _plots(stacks: dict, training: dict, run_dir: runs.RunDir) -> None:
@@ -254,30 +320,28 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
             f"| {n} | {'x'.join(map(str, s['extent']))} | {s['valid_output']} | "
             f"{s['kernel_weights']:,} | {s['kernel_weights_per_C2']:g} |"
         )
+    cfg = runs.config_from_args(sys.modules[__name__], results.get("config", {}))
+    n = len(next(iter(results["training"].values()))["test_accuracies"])
     lines += [
         "",
-        "| net | params | test accuracy (mean +- std over seeds) | train accuracy |",
+        f"Training: digits at {cfg.image_size}x{cfg.image_size}, "
+        f"{results.get('train_examples', '?')} training images, width {c}, {cfg.blocks} "
+        f"blocks, {cfg.steps} {cfg.optimizer} steps (batch {cfg.batch_size}, lr {cfg.lr}, "
+        f"cosine), {n} seed{'s' if n > 1 else ''}.",
+        "",
+        "| net | params | test accuracy (mean ± standard error) | train accuracy |",
         "|---|---|---|---|",
     ]
-    for n, t in results["training"].items():
-        lines.append(
-            f"| {n} | {t['params']:,} | {t['test_accuracy']:.4f} +- {t['test_accuracy_std']:.4f}"
-            f" | {t['train_accuracy']:.4f} |"
-        )
+    for name, t in results["training"].items():
+        accs = t["test_accuracies"]
+        acc = (
+            "{:.4f} ± {:.4f}".format(*runs.mean_se(accs)) if len(accs) > 1
+            else f"{accs[0]:.4f} (one seed: no standard error)"
+        )  # fmt: skip
+        lines.append(f"| {name} | {t['params']:,} | {acc} | {t['train_accuracy']:.4f} |")
     lines.append("")
-    for pair, cl in results["claims"].items():
-        small, large = pair.split("_vs_")
-        gap = accuracy_gap(
-            results["training"][small]["test_accuracies"],
-            results["training"][large]["test_accuracies"],
-        )
-        se = "n/a (one seed)" if gap["difference_se"] is None else f"{gap['difference_se']:.4f}"
-        lines.append(
-            f"- {small} vs {large}: same receptive field **{cl['same_receptive_field']}**, "
-            f"fewer weights **{cl['fewer_weights']}**, accuracy at least as high "
-            f"**{cl['accuracy_at_least']}** (difference {gap['accuracy_difference']:+.4f}, "
-            f"standard error {se}; within 2 SE: {gap['within_noise']})"
-        )
+    for cl in claims(results, cfg):
+        lines.append(f"- {'pass' if cl.holds else '**FAIL**'}: {cl.claim}. {cl.evidence}")
     lines += ["", "![receptive fields](receptive_fields.png)", "", "![test error](accuracy.png)"]
     return "\n".join(lines)
 
