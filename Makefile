@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: install
-	$(PY) -m experiments.tour
+	$(PY) -m experiments.tour --jobs 2
 
 test: install
 	$(PY) -m pytest -q -m "not slow" -n auto --durations=15

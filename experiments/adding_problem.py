@@ -325,18 +325,8 @@ def _mean_se(v) -> tuple[float, float]:
     return runs.mean_se(xs) if len(xs) > 1 else (xs[0], math.nan)
 
 
-def _pm(v, digits: int = 4) -> str:
-    """``mean ± SE`` (just the value for one seed)."""
-    m, se = _mean_se(v)
-    return f"{m:.{digits}f}" if math.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
-
-
 NAMES = {"rnn": "tanh RNN", "lstm": "LSTM", "gru": "GRU"}
 COPY_BRIDGED = 0.25  # accuracy on the copied symbols: twice chance (1/8) "bridges the delay"
-
-
-def _seeds_text(n: int) -> str:
-    return f"{n} seed" + ("" if n == 1 else "s")
 
 
 def claims(results: dict, cfg: Config) -> list[runs.Claim]:
@@ -352,7 +342,7 @@ def claims(results: dict, cfg: Config) -> list[runs.Claim]:
     """
     n = int(cfg.seeds)
     min_seeds = min(n, 3)
-    size = f"batch {cfg.batch_size}, hidden {cfg.hidden}, Adam lr {cfg.lr}, {_seeds_text(n)}"
+    size = f"batch {cfg.batch_size}, hidden {cfg.hidden}, Adam lr {cfg.lr}, {runs.seeds_text(n)}"
     out: list[runs.Claim] = []
     for T in cfg.lengths:
         per = results.get(f"T{T}", {})
@@ -371,7 +361,8 @@ def claims(results: dict, cfg: Config) -> list[runs.Claim]:
                 holds=holds,
                 evidence="test MSE "
                 + ", ".join(
-                    f"{NAMES[c]} {_pm(vals[c])} ({solved[c]}/{len(vals[c])} solved)" for c in vals
+                    f"{NAMES[c]} {runs.pm(vals[c], 4)} ({solved[c]}/{len(vals[c])} solved)"
+                    for c in vals
                 )
                 + f"; predicting 1 gives {BASELINE_MSE:.3f}",
                 seeds=n,
@@ -412,10 +403,10 @@ def claims(results: dict, cfg: Config) -> list[runs.Claim]:
                 holds=holds,
                 evidence="accuracy on the copied symbols "
                 + ", ".join(
-                    f"{NAMES[c]} {_pm(acc[c], 3)} ({bridged[c]}/{len(acc[c])})" for c in acc
+                    f"{NAMES[c]} {runs.pm(acc[c], 3)} ({bridged[c]}/{len(acc[c])})" for c in acc
                 )
                 + "; chance 0.125; test cross-entropy "
-                + ", ".join(f"{NAMES[c]} {_pm(ce[c], 3)}" for c in ce)
+                + ", ".join(f"{NAMES[c]} {runs.pm(ce[c], 3)}" for c in ce)
                 + f" (memoryless baseline {copy['baseline_ce']:.3f})",
                 seeds=n,
             )
@@ -509,7 +500,7 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
         for cell, mse in per.items():
             vals = _values(mse)
             solved = sum(v < SOLVED_MSE for v in vals)
-            lines.append(f"| {key[1:]} | {cell} | {_pm(vals)} | {solved}/{len(vals)} |")
+            lines.append(f"| {key[1:]} | {cell} | {runs.pm(vals, 4)} | {solved}/{len(vals)} |")
     lines += ["", f"Predicting 1 always: {BASELINE_MSE:.3f}.", "", "![adding MSE](adding_mse.png)"]
     for key in results:
         if key.startswith("T") and key[1:].isdigit():
@@ -528,7 +519,9 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
         ]
         for cell, r in c.items():
             if cell != "baseline_ce":
-                lines.append(f"| {cell} | {_pm(r['test_ce'])} | {_pm(r['copy_accuracy'], 3)} |")
+                lines.append(
+                    f"| {cell} | {runs.pm(r['test_ce'], 4)} | {runs.pm(r['copy_accuracy'], 3)} |"
+                )
         lines += ["", "![copy curves](copy_curves.png)"]
     else:
         lines += ["", "Copy task: not run in this configuration (copy_steps = 0)."]

@@ -91,8 +91,8 @@ QUICK = {
 TOUR = {
     "seeds": 3,
     "depths": (8, 32),
-    "steps": 200,
-    "warmup_steps": 40,
+    "steps": 150,
+    "warmup_steps": 30,
     "train_examples": 1000,
     "conv_impl": "xla",
     "grad_probe": False,
@@ -287,13 +287,6 @@ def _plots(results: dict, run_dir: runs.RunDir, cfg: Config) -> None:
     )  # fmt: skip
 
 
-def _mean_se(xs: list[float]) -> str:
-    if len(xs) < 2:
-        return f"{xs[0]:.4f}"
-    m, se = runs.mean_se(xs)
-    return f"{m:.4f} ± {se:.4f}"
-
-
 def report(results: dict, run_dir: runs.RunDir) -> str:
     names = [k for k in results if k.startswith(("plain", "resnet"))]
     cfg = runs.config_from_args(sys.modules[__name__], results.get("config", {}))
@@ -317,8 +310,8 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
         tr = r.get("train_errors", [r["train_error"]])
         te = r.get("test_errors", [r["test_error"]])
         lines.append(
-            f"| {name} | {r['params']:,} | {r['conv_layers']} | {_mean_se(tr)} | "
-            f"{_mean_se(te)} | {ratio} | {no_bn} | {r['runtime_s']:.0f} |"
+            f"| {name} | {r['params']:,} | {r['conv_layers']} | {runs.pm(tr, 4)} | "
+            f"{runs.pm(te, 4)} | {ratio} | {no_bn} | {r['runtime_s']:.0f} |"
         )
     lines.append("")
     for c in claims(results, cfg):

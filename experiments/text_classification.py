@@ -250,14 +250,6 @@ def _se(xs) -> float:
     return runs.mean_se(xs)[1] if len(xs) > 1 else 0.0
 
 
-def _cell(xs) -> str:
-    """mean ± SE over seeds (just the value for one seed or a deterministic model)."""
-    if len(xs) < 2:
-        return f"{xs[0]:.3f}"
-    m, se = runs.mean_se(xs)
-    return f"{m:.3f} ± {se:.3f}"
-
-
 def _size(cfg: Config) -> str:
     return (
         f"entries cut to {cfg.max_chars} characters, at most {cfg.max_per_class} per "
@@ -340,7 +332,7 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
     ]
     for name, r in results["models"].items():
         lines.append(
-            f"| {name} | {_cell(r['accuracy'])} | {_cell(r['macro_f1'])} | "
+            f"| {name} | {runs.pm(r['accuracy'])} | {runs.pm(r['macro_f1'])} | "
             f"{np.mean(r['train_minutes']):.1f} |"
         )
     lines += [

@@ -22,6 +22,7 @@ import importlib
 import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -219,15 +220,16 @@ def _fmt_runtime(s) -> str:
     return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
-def _full_claim(full: dict | None, claim: runs.Claim, index: int) -> str:
-    """The full run's verdict on the same claim, for the claims table: the full run's
-    ``index``-th claim on the same topic (claims() lists them in the same order)."""
+def _matching_full_claim(full: dict | None, claim: runs.Claim, index: int) -> runs.Claim | None:
+    """The full run's claim that a tour claim stands for: the one with the same topic and
+    ``key`` when the tour claim has a key, else the ``index``-th keyless one on the same
+    topic (claims() lists them in the same order)."""
     same = [runs.Claim.from_json(c) for c in (full or {}).get("claims", [])]
     same = [c for c in same if c.topic == claim.topic]
-    if index >= len(same):
-        return "not recorded"
-    c = same[index]
-    return f"{'pass' if c.holds else 'FAIL'}: {c.evidence}"
+    if claim.key is not None:
+        return next((c for c in same if c.key == claim.key), None)
+    same = [c for c in same if c.key is None]
+    return same[index] if index < len(same) else None
 
 
 def _claims_block(entry: dict) -> list[str]:
@@ -268,19 +270,43 @@ def claims_table(entries: list[dict]) -> list[str]:
     full_runs = read_full_runs()
     rows = []
     covered = set()
+
+    def order(topic: str) -> int:
+        return NOTES_TOPICS.index(topic) if topic in NOTES_TOPICS else len(NOTES_TOPICS)
+
     for e in entries:
+        full = full_runs.get(e["name"])
         seen: dict[str, int] = {}
+        matched = []
         for c in e.get("claims", []):
             covered.add(c.topic)
-            index = seen[c.topic] = seen.get(c.topic, -1) + 1
+            index = seen.get(c.topic, -1) + (c.key is None)
+            seen[c.topic] = index
+            f = _matching_full_claim(full, c, index)
+            matched.append(f)
             rows.append(
                 (
-                    NOTES_TOPICS.index(c.topic) if c.topic in NOTES_TOPICS else len(NOTES_TOPICS),
+                    order(c.topic),
                     f"| {c.topic} | {c.claim} | [{e['name']}](#{e['name']}) | "
                     f"{'pass' if c.holds else '**FAIL**'} | {c.evidence} | "
-                    f"{_full_claim(full_runs.get(e['name']), c, index)} |",
+                    + (
+                        "not recorded"
+                        if f is None
+                        else f"{'pass' if f.holds else 'FAIL'}: {f.evidence}"
+                    )
+                    + " |",
                 )
             )
+        if e["status"] == "ok" and "claims_error" not in e:
+            for c in [runs.Claim.from_json(c) for c in (full or {}).get("claims", [])]:
+                if c not in matched:  # a claim only the full-size run checks
+                    rows.append(
+                        (
+                            order(c.topic),
+                            f"| {c.topic} | {c.claim} | [{e['name']}](#{e['name']}) | "
+                            f"full size only | | {'pass' if c.holds else 'FAIL'}: {c.evidence} |",
+                        )
+                    )
         if "claims_error" in e or (e["status"] == "failed" and hasattr(e["module"], "claims")):
             rows.append(
                 (
@@ -331,6 +357,43 @@ def write_report(entries: list[dict], out: Path, *, quick: bool, wall_s: float) 
     return path
 
 
+def _run_parallel(names: list[str], out: Path, *, quick: bool, jobs: int, devices: int) -> set[str]:
+    """Run experiments ``names`` as ``jobs`` concurrent worker processes (``--worker``), each
+    writing its own run directory and ``out/logs/NAME.log``; returns the names that finished
+    without error. Most tour experiments are small recurrent scans that keep about one core
+    busy, so two at a time use a 2-core machine fully. Failures are left to the caller's
+    in-process pass, which reports them."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, ok = list(names), {}, set()
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            cmd = [sys.executable, "-m", "experiments.tour", "--worker", "--only", name,
+                   "--out", str(out), "--devices", str(devices)] + (["--quick"] if quick else [])  # fmt: skip
+            log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed when the job ends
+            running[name] = (
+                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
+                log,
+                time.perf_counter(),
+            )
+            print(f"[tour] {name}: started (log {logs / name}.log)", file=sys.stderr)
+        time.sleep(0.2)
+        for name, (proc, log, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode == 0:
+                ok.add(name)
+            print(
+                f"[tour] {name}: {'finished' if proc.returncode == 0 else 'FAILED'} in "
+                f"{time.perf_counter() - t0:.0f} s",
+                file=sys.stderr,
+            )
+    return ok
+
+
 def run_tour(
     out: str | Path = "runs/tour",
     *,
@@ -339,8 +402,15 @@ def run_tour(
     devices: int = 1,
     progress: bool = True,
     modules: list[types.ModuleType] | None = None,
+    jobs: int = 1,
 ) -> tuple[Path, list[dict]]:
-    """Run the tour into ``out``; returns (REPORT.md path, entries)."""
+    """Run the tour into ``out``; returns (REPORT.md path, entries).
+
+    ``jobs > 1`` runs that many experiments at a time in worker processes, then reads
+    their finished runs into the report (the experiments are independent, each in its own
+    run directory); ``jobs=1`` runs them one after another in this process."""
+    if jobs < 1:
+        raise ValueError(f"jobs: expected an integer >= 1, got {jobs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mods = modules if modules is not None else _discover().discover()
@@ -351,7 +421,15 @@ def run_tour(
             raise ValueError(f"--only: unknown experiment(s) {unknown}; known: {sorted(names)}")
         mods = [m for m in mods if runs.experiment_name(m) in only]
     t0 = time.perf_counter()
+    ran_here: set[str] = set()
+    if jobs > 1 and modules is None:
+        todo = [runs.experiment_name(m) for m in mods]
+        done_before = {n for n in todo if (out / n / "DONE").exists()}
+        ran_here = _run_parallel(todo, out, quick=quick, jobs=jobs, devices=devices) - done_before
     entries = [run_one(m, out, quick=quick, devices=devices, progress=progress) for m in mods]
+    for e in entries:
+        if e["name"] in ran_here:
+            e["reused"] = False  # finished by a worker of this tour
     report = write_report(entries, out, quick=quick, wall_s=time.perf_counter() - t0)
     return report, entries
 
@@ -372,6 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--devices", type=int, default=1, help="data-parallel devices")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="experiments run at a time, each in its own process (make run: 2)",
+    )
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--note", type=str, default="", help="with --record: a note on how it ran")
     p.add_argument(
         "--record",
@@ -390,10 +475,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(a.out or ("runs/tour-quick" if a.quick else "runs/tour"))
     only = [s.strip() for s in a.only.split(",") if s.strip()] or None
+    if a.worker:  # one experiment for a parallel tour: its run directory, no report
+        if not only or len(only) != 1:
+            p.exit(2, "error: --worker runs exactly one experiment (--only NAME)\n")
+        entry = run_one(runs.load_module(only[0]), out, quick=a.quick, devices=a.devices,
+                        progress=False)  # fmt: skip
+        return 0 if entry["status"] != "failed" else 1
     try:
         report, entries = run_tour(
-            out, quick=a.quick, only=only, devices=a.devices, progress=not a.no_progress
-        )
+            out, quick=a.quick, only=only, devices=a.devices, progress=not a.no_progress,
+            jobs=a.jobs,
+        )  # fmt: skip
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     failed = [e["name"] for e in entries if e["status"] == "failed"]

@@ -118,7 +118,7 @@ QUICK = {
     "pretrain_steps": 10, "val_per_class": 5, "unfreeze_every": 2,
 }  # fmt: skip
 TOUR = {
-    "settings": ("mnist_new_classes",), "labels_per_class": (1, 2), "seeds": 3, "steps": 90,
+    "settings": ("mnist_new_classes",), "labels_per_class": (2,), "seeds": 3, "steps": 90,
     "methods": ("scratch", "finetune", "freeze"), "pretrain_steps": 400,
 }  # fmt: skip
 
@@ -448,7 +448,7 @@ def claims(results: dict, cfg: Config) -> list[runs.Claim]:
                 f"{TITLES[tag]}, {n} label(s) per class: fine-tuning the pretrained VGG beats "
                 f"training it from scratch (each with the same {len(cfg.lrs)} learning rates x "
                 f"lengths up to {cfg.steps} steps, chosen on validation)",
-                holds, ev, len(ft)))  # fmt: skip
+                holds, ev, len(ft), key=f"{tag}/{n}"))  # fmt: skip
     return out
 
 

@@ -102,7 +102,7 @@ TOUR = {
     "seeds": 3,
     "hidden": 64,
     "embed": 32,
-    "steps": 400,
+    "steps": 250,
     "lr": 1e-2,
     "max_word_len": 8,
     "buckets": (9,),
@@ -355,18 +355,6 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     return out | ({"num2words_ko": ko} if ko is not None else {})
 
 
-def _pct_pm(xs: list[float]) -> str:
-    """Percent mean ± standard error over seeds (one seed: no standard error)."""
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.1f}%"
-    m, se = runs.mean_se(xs)
-    return f"{100 * m:.1f} ± {100 * se:.1f}%"
-
-
-def _seeds(n: int) -> str:
-    return f"{n} seed" + ("" if n == 1 else "s")
-
-
 def _setting(cfg: Config, results: dict) -> str:
     decode = "greedy decoding" if cfg.eval_beam == 1 else f"beam {cfg.eval_beam}"
     return (
@@ -379,7 +367,7 @@ def _setting(cfg: Config, results: dict) -> str:
             else ""
         )
         + f", {decode} of {results['test_words']:,} test words, "
-        + _seeds(len(results["g2p"]["attention"]["wer"]))
+        + runs.seeds_text(len(results["g2p"]["attention"]["wer"]))
     )
 
 
@@ -435,13 +423,13 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
     n = len(g2p["attention"]["wer"])
     lines = [f"Configuration: {_setting(cfg, results)}.", ""] if cfg else []
     lines += [
-        f"| g2p model | test WER | test PER | train minutes (wall / CPU, {_seeds(n)}) | steps "
+        f"| g2p model | test WER | test PER | train minutes (wall / CPU, {runs.seeds_text(n)}) | steps "
         "| params |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in g2p.items():
         lines.append(
-            f"| {name} | {_pct_pm(r['wer'])} | {_pct_pm(r['per'])} | "
+            f"| {name} | {runs.pm(r['wer'], 1, scale=100, unit='%')} | {runs.pm(r['per'], 1, scale=100, unit='%')} | "
             f"{sum(r['train_minutes']):.1f} / {sum(r['train_cpu_minutes']):.1f} | "
             f"{r['steps']} | {r['params']:,} |"
         )

@@ -66,6 +66,8 @@ __all__ = [
     "experiment_name",
     "compare",
     "mean_se",
+    "pm",
+    "seeds_text",
 ]
 
 
@@ -569,7 +571,10 @@ class Claim:
     claim), ``claim`` says exactly what was checked at the size that ran (``"LSTM and GRU
     reach test MSE < 0.05 at T = 50, the tanh RNN does not"``), ``holds`` is the verdict,
     ``evidence`` the figures behind it (means ± standard errors, seeds). ``seeds`` is the
-    number of seeds a comparison rests on (None for a deterministic check).
+    number of seeds a comparison rests on (None for a deterministic check). ``key``, when
+    set, names the cell a claim is about independently of the run's size (``"
+    mnist_new_classes/2"``): the tour matches a tour claim to the full run's claim with the
+    same topic and key (claims without a key are matched by their position in the topic).
     """
 
     topic: str
@@ -577,9 +582,13 @@ class Claim:
     holds: bool
     evidence: str
     seeds: int | None = None
+    key: str | None = None
 
     def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "holds": bool(self.holds)}
+        d = {**dataclasses.asdict(self), "holds": bool(self.holds)}
+        if d["key"] is None:
+            del d["key"]
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Claim:
@@ -597,6 +606,26 @@ def mean_se(values) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
     return m, math.sqrt(var / len(xs))
+
+
+def pm(values, digits: int = 3, *, scale: float = 1.0, unit: str = "") -> str:
+    """``"mean ± SE"`` of per-seed values for report tables; one value prints alone.
+
+    ``scale`` multiplies both (100 for percent), ``unit`` follows each number-pair
+    (``pm([0.5, 0.52], 1, scale=100, unit="%")`` is ``"51.0 ± 1.0%"``).
+    """
+    xs = [float(v) * scale for v in (values if isinstance(values, list | tuple) else [values])]
+    if not xs:
+        raise ValueError("pm: values is empty; expected one value per seed")
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}{unit}"
+    m, se = mean_se(xs)
+    return f"{m:.{digits}f} ± {se:.{digits}f}{unit}"
+
+
+def seeds_text(n: int) -> str:
+    """``"1 seed"``, ``"3 seeds"``."""
+    return f"{n} seed{'' if n == 1 else 's'}"
 
 
 def compare(

@@ -199,3 +199,13 @@ def test_mean_se_and_compare_closed_form():
         runs.compare([1.0, 2.0], [0.0, 0.1])
     holds, ev = runs.compare([1.0], [0.5], min_seeds=1, names=("x", "y"))
     assert holds and ev == "x 1.000 vs y 0.500 (1 seed: no standard error)"
+
+
+def test_pm_and_seeds_text():
+    # mean 0.5, sample std 0.1 * sqrt(2), SE 0.1
+    assert runs.pm([0.4, 0.6]) == "0.500 ± 0.100"
+    assert runs.pm([0.4, 0.6], 1, scale=100, unit="%") == "50.0 ± 10.0%"
+    assert runs.pm([0.123456], 4) == "0.1235" and runs.pm(0.25, 2) == "0.25"
+    with pytest.raises(ValueError, match="pm: values is empty"):
+        runs.pm([])
+    assert runs.seeds_text(1) == "1 seed" and runs.seeds_text(5) == "5 seeds"

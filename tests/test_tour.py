@@ -38,6 +38,17 @@ def test_demo_quick_end_to_end_and_tour_report(tmp_path):
     assert entries[0]["reused"] and entries[0]["results"] == results
 
 
+def test_parallel_tour_runs_workers_and_reports_their_runs(tmp_path):
+    out = tmp_path / "tour"
+    argv = ["--quick", "--only", "demo", "--out", str(out), "--no-progress", "--jobs", "2"]
+    assert tour.main(argv) == 0
+    report = (out / "REPORT.md").read_text()
+    assert "| [demo](#demo) | ok |" in report and "reused from an earlier tour" not in report
+    assert (out / "demo" / "DONE").exists() and (out / "logs" / "demo.log").exists()
+    with pytest.raises(ValueError, match="jobs: expected an integer >= 1, got 0"):
+        tour.run_tour(out, quick=True, only=["demo"], jobs=0)
+
+
 def _fake(name, fail):
     mod = types.ModuleType(f"experiments.{name}", f"Fake {name}.")
 
@@ -136,7 +147,9 @@ def test_claims_table_lists_every_topic_with_tour_and_full_verdicts(tmp_path, mo
         "command": "python -m experiments.good --steps 99", "date": "2026-01-02",
         "runtime_s": 125.0, "source": "results.json of runs/good/x",
         "claims": [{"topic": tour.NOTES_TOPICS[0], "claim": "claim 0 at 99 steps",
-                    "holds": True, "evidence": "x=full", "seeds": 1}],
+                    "holds": True, "evidence": "x=full", "seeds": 1},
+                   {"topic": tour.NOTES_TOPICS[0], "claim": "trained claim at 99 steps",
+                    "holds": False, "evidence": "y=full", "seeds": 3}],
     }}))  # fmt: skip
     monkeypatch.setattr(tour, "FULL_RUNS", full)
     mod = _claiming("good", [(0, True), (1, False)])
@@ -149,6 +162,11 @@ def test_claims_table_lists_every_topic_with_tour_and_full_verdicts(tmp_path, mo
         f"| {tour.NOTES_TOPICS[0]} | claim 0 at 4 steps | [good](#good) | pass"
     )
     assert rows[0].endswith("| pass: x=full |")
+    # a claim only the full run checks gets its own row, not counted at tour size
+    assert (
+        f"| {tour.NOTES_TOPICS[0]} | trained claim at 99 steps | [good](#good) | full size only "
+        "| | FAIL: y=full |"
+    ) in text
     assert rows[1].startswith(f"| {tour.NOTES_TOPICS[1]} | claim 1 at 4 steps |")
     assert "**FAIL**" in rows[1] and rows[1].endswith("| not recorded |")
     for topic in tour.NOTES_TOPICS[2:]:  # every topic of the notes has a row
@@ -157,6 +175,33 @@ def test_claims_table_lists_every_topic_with_tour_and_full_verdicts(tmp_path, mo
     assert "**You are reading the tour-size run**: `python -m experiments.good --steps 4`" in text
     assert "**Full-size run** (recorded 2026-01-02, 2.1 min" in text
     assert "`python -m experiments.good --steps 99`" in text
+
+
+def test_keyed_claims_meet_the_full_claim_with_the_same_key(tmp_path, monkeypatch):
+    topic = tour.NOTES_TOPICS[2]
+    full = tmp_path / "full_runs.json"
+    full.write_text(json.dumps({"keyed": {
+        "command": "python -m experiments.keyed", "date": "2026-01-02", "runtime_s": 5.0,
+        "claims": [{"topic": topic, "claim": f"cell {n} at full size", "holds": n != 2,
+                    "evidence": f"full-{n}", "seeds": 5, "key": f"cell/{n}"} for n in (1, 2, 5)],
+    }}))  # fmt: skip
+    monkeypatch.setattr(tour, "FULL_RUNS", full)
+    mod = _fake("keyed", False)
+    mod.claims = lambda results, cfg: [runs.Claim(topic, "cell 2 at tour size", True, "tour-2", 3,
+                                                  key="cell/2")]  # fmt: skip
+    report, _ = tour.run_tour(tmp_path / "t", modules=[mod], progress=False)
+    text = report.read_text()
+    # the tour's cell 2 sits beside the full run's cell 2 (not its first claim, cell 1)
+    assert (
+        f"| {topic} | cell 2 at tour size | [keyed](#keyed) | pass | tour-2 | FAIL: full-2 |"
+        in text
+    )
+    for n in (1, 5):  # the cells the tour did not run are listed as full-size only
+        assert (
+            f"| cell {n} at full size | [keyed](#keyed) | full size only | | pass: full-{n} |"
+            in text
+        )
+    assert text.count("full-2") == 2  # its table row and the section's full-run list
 
 
 def test_a_claims_error_is_a_failed_check(tmp_path, monkeypatch):
