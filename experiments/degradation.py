@@ -34,6 +34,7 @@ from jaxnets.models.probes import conv_kernels, layer_grad_norms
 from jaxnets.ops.conv import IMPLS, default_impl
 
 TOUR_ORDER = 210
+TOUR_SECONDS = 150  # its tour entry's wall time (2 jobs, 2 cores): longest start first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +44,15 @@ class Config:
     Command line: ``python -m experiments.degradation [--depths 20 56] [--width 8]
     [--steps 3000] [--dataset mnist1d]``
     Runtime (measured on a heavily shared 2-core machine, CPU time in brackets): default
-    16 min wall [4.9 min CPU]; ``TOUR`` 2.8 min wall at load ~6 [1.7 min CPU, about half of
-    it compiling and initialising the four nets]; ``--quick`` 1.6 min wall [33 s CPU]. On a free
+    16 min wall [4.9 min CPU]; ``TOUR`` 2.5 min wall in the 2-job tour (about half of it
+    compiling and initialising the four nets); ``--quick`` 1.6 min wall [33 s CPU]. On a free
     laptop expect about the CPU time.
     Expected (measured, MNIST-1D, seed 0). Default config: training error plain20 0.000,
     plain56 0.271, resnet20 0.000, resnet56 0.000 (test error 0.019 / 0.307 / 0.020 /
     0.018). 600 steps on the first 1000 training examples (one seed): 0.046 / 0.462 / 0.000 /
-    0.000. ``TOUR`` (depths 8 and 32, 200 steps on the first 1000 examples, 3 seeds, mean ±
-    standard error; XLA's convolutions, no gradient probe): plain8 0.180 ± 0.028, plain32
-    0.590 ± 0.004, resnet8 0.136 ± 0.014, resnet32 0.019 ± 0.011. Either way the deeper plain net trains worse and the deeper ResNet does not, as in
+    0.000. ``TOUR`` (depths 8 and 32, 150 steps on the first 1000 examples, 3 seeds, mean ±
+    standard error; XLA's convolutions, no gradient probe): plain8 0.265 ± 0.028, plain32
+    0.599 ± 0.062, resnet8 0.255 ± 0.027, resnet32 0.084 ± 0.019. Either way the deeper plain net trains worse and the deeper ResNet does not, as in
     He et al.'s CIFAR-10 Fig. 6. (With 600 steps on all 4000 examples ResNet-56 is still
     behind ResNet-20, 0.036 vs 0.009: it starts more slowly, then catches up.)
     """

@@ -20,6 +20,7 @@ import numpy as np
 from jaxnets import data, plots, rnn, runs, train
 
 TOUR_ORDER = 0
+TOUR_SECONDS = 20  # its tour entry's wall time (2 jobs, 2 cores): longest start first
 
 
 @dataclasses.dataclass(frozen=True)

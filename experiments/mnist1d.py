@@ -30,6 +30,7 @@ from jaxnets.data import Batches, eval_batches, load_mnist1d
 from jaxnets.models.small import MNIST1D_MODELS, Ensemble
 
 TOUR_ORDER = 10
+TOUR_SECONDS = 96  # its tour entry's wall time (2 jobs, 2 cores): longest start first
 
 MODELS = ("logistic", "mlp", "cnn", "gru")
 SETTINGS = ("default", "shuffled")

@@ -36,6 +36,7 @@ from jaxnets.models.probes import receptive_field
 from jaxnets.models.vgg import VGGSmallHead, VGGStage
 
 TOUR_ORDER = 200
+TOUR_SECONDS = 16  # its tour entry's wall time (2 jobs, 2 cores): longest start first
 
 # name -> (conv layers per block, kernel size)
 VARIANTS = {"3x3x2": (2, 3), "5x5": (1, 5), "3x3x3": (3, 3), "7x7": (1, 7)}

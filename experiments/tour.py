@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import importlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -357,37 +358,83 @@ def write_report(entries: list[dict], out: Path, *, quick: bool, wall_s: float) 
     return path
 
 
-def _run_parallel(names: list[str], out: Path, *, quick: bool, jobs: int, devices: int) -> set[str]:
-    """Run experiments ``names`` as ``jobs`` concurrent worker processes (``--worker``), each
-    writing its own run directory and ``out/logs/NAME.log``; returns the names that finished
-    without error. Most tour experiments are small recurrent scans that keep about one core
-    busy, so two at a time use a 2-core machine fully. Failures are left to the caller's
-    in-process pass, which reports them."""
+def _can_fork() -> bool:
+    """Forking is safe while this process has not started JAX's backends (no XLA threads)."""
+    from jax._src import xla_bridge
+
+    return hasattr(os, "fork") and not xla_bridge.backends_are_initialized()
+
+
+def _start_worker(
+    mod: types.ModuleType, out: Path, log: Path, *, quick: bool, devices: int, fork: bool
+):
+    """Start one experiment in its own process; returns a poll() -> exit code | None."""
+    name = runs.experiment_name(mod)
+    if fork:  # the child inherits the imported modules: no second import of jax and flax
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                sys.stdout = sys.stderr = os.fdopen(1, "w", buffering=1, closefd=False)
+                entry = run_one(mod, out, quick=quick, devices=devices, progress=False)
+                code = 0 if entry["status"] != "failed" else 1
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+
+        def poll():
+            done, status = os.waitpid(pid, os.WNOHANG)
+            return os.waitstatus_to_exitcode(status) if done else None
+
+        return poll
+    cmd = [sys.executable, "-m", "experiments.tour", "--worker", "--only", name,
+           "--out", str(out), "--devices", str(devices)] + (["--quick"] if quick else [])  # fmt: skip
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    return proc.poll
+
+
+def _run_parallel(
+    mods: list[types.ModuleType], out: Path, *, quick: bool, jobs: int, devices: int,
+    fork: bool | None = None,
+) -> set[str]:  # fmt: skip
+    """Run experiments ``mods`` as ``jobs`` concurrent worker processes, each writing its own
+    run directory and ``out/logs/NAME.log``; returns the names that finished without error.
+
+    Most tour experiments are small recurrent models whose time goes into XLA compilations
+    and short scans that keep about one core busy, so two at a time use a 2-core machine
+    fully. The longest (a module's ``TOUR_SECONDS``, its measured tour time) start first.
+    Workers are forked from this process when that is safe (``fork=None``: JAX's backends
+    not started here), else started as ``python -m experiments.tour --worker``. Failures
+    are left to the caller's in-process pass, which reports them."""
+    fork = _can_fork() if fork is None else fork
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    pending, running, ok = list(names), {}, set()
+    pending = sorted(mods, key=lambda m: -getattr(m, "TOUR_SECONDS", 60))
+    running, ok = {}, set()
     while pending or running:
         while pending and len(running) < jobs:
-            name = pending.pop(0)
-            cmd = [sys.executable, "-m", "experiments.tour", "--worker", "--only", name,
-                   "--out", str(out), "--devices", str(devices)] + (["--quick"] if quick else [])  # fmt: skip
-            log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed when the job ends
-            running[name] = (
-                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
-                log,
-                time.perf_counter(),
-            )
-            print(f"[tour] {name}: started (log {logs / name}.log)", file=sys.stderr)
+            mod = pending.pop(0)
+            name = runs.experiment_name(mod)
+            log = logs / f"{name}.log"
+            poll = _start_worker(mod, out, log, quick=quick, devices=devices, fork=fork)
+            running[name] = (poll, time.perf_counter())
+            print(f"[tour] {name}: started (log {log})", file=sys.stderr)
         time.sleep(0.2)
-        for name, (proc, log, t0) in list(running.items()):
-            if proc.poll() is None:
+        for name, (poll, t0) in list(running.items()):
+            code = poll()
+            if code is None:
                 continue
-            log.close()
             del running[name]
-            if proc.returncode == 0:
+            if code == 0:
                 ok.add(name)
             print(
-                f"[tour] {name}: {'finished' if proc.returncode == 0 else 'FAILED'} in "
+                f"[tour] {name}: {'finished' if code == 0 else 'FAILED'} in "
                 f"{time.perf_counter() - t0:.0f} s",
                 file=sys.stderr,
             )
@@ -422,10 +469,9 @@ def run_tour(
         mods = [m for m in mods if runs.experiment_name(m) in only]
     t0 = time.perf_counter()
     ran_here: set[str] = set()
-    if jobs > 1 and modules is None:
-        todo = [runs.experiment_name(m) for m in mods]
-        done_before = {n for n in todo if (out / n / "DONE").exists()}
-        ran_here = _run_parallel(todo, out, quick=quick, jobs=jobs, devices=devices) - done_before
+    if jobs > 1:
+        done_before = {n for m in mods if (out / (n := runs.experiment_name(m)) / "DONE").exists()}
+        ran_here = _run_parallel(mods, out, quick=quick, jobs=jobs, devices=devices) - done_before
     entries = [run_one(m, out, quick=quick, devices=devices, progress=progress) for m in mods]
     for e in entries:
         if e["name"] in ran_here:

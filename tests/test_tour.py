@@ -3,7 +3,10 @@
 import dataclasses
 import importlib
 import json
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -38,13 +41,29 @@ def test_demo_quick_end_to_end_and_tour_report(tmp_path):
     assert entries[0]["reused"] and entries[0]["results"] == results
 
 
-def test_parallel_tour_runs_workers_and_reports_their_runs(tmp_path):
+def test_parallel_tour_forks_workers_and_reports_their_runs(tmp_path):
     out = tmp_path / "tour"
-    argv = ["--quick", "--only", "demo", "--out", str(out), "--no-progress", "--jobs", "2"]
-    assert tour.main(argv) == 0
+    cmd = [sys.executable, "-m", "experiments.tour", "--quick", "--only", "demo,cifar10",
+           "--out", str(out), "--no-progress", "--jobs", "2"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[tour] demo: finished in" in r.stderr and "[tour] receptive_field: finished" in r.stderr
     report = (out / "REPORT.md").read_text()
-    assert "| [demo](#demo) | ok |" in report and "reused from an earlier tour" not in report
-    assert (out / "demo" / "DONE").exists() and (out / "logs" / "demo.log").exists()
+    assert (
+        "| [demo](#demo) | ok |" in report
+        and "| [receptive_field](#receptive_field) | ok |" in report
+    )
+    assert "reused from an earlier tour" not in report
+    assert (out / "demo" / "DONE").exists() and "demo" in (out / "logs" / "demo.log").read_text()
+
+
+def test_parallel_tour_without_fork_starts_worker_commands(tmp_path, monkeypatch):
+    monkeypatch.setattr(tour, "_can_fork", lambda: False)
+    out = tmp_path / "tour"
+    report, entries = tour.run_tour(out, quick=True, only=["demo"], jobs=2, progress=False)
+    assert entries[0]["status"] == "ok" and not entries[0]["reused"]
+    assert "--worker" not in (out / "logs" / "demo.log").read_text()  # its output, not an error
+    assert (out / "demo" / "DONE").exists()
     with pytest.raises(ValueError, match="jobs: expected an integer >= 1, got 0"):
         tour.run_tour(out, quick=True, only=["demo"], jobs=0)
 
