@@ -166,13 +166,15 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     svals: dict[str, np.ndarray] = {}
 
     # 1. the three cells at init and after training
+    inits = {}  # one compiled init per cell, shared by its seeds (and the sigma sweep)
     for cell in CELL_NAMES:
         model = RecurrentReadout(cell, cfg.hidden)
-        params0 = jax.jit(model.init)(jax.random.key(cfg.seed), x[:1])["params"]
+        init = inits[cell] = jax.jit(model.init)
+        params0 = init(jax.random.key(cfg.seed), x[:1])["params"]
         tx = train.make_optimizer("adam", cfg.lr, clip_norm=1.0)
         trainer = train.Trainer(model, train.mse_loss, tx)
 
-        def one(sub, seed, cell=cell, model=model, tx=tx, trainer=trainer):
+        def one(sub, seed, cell=cell, model=model, tx=tx, trainer=trainer, init=init):
             state, history, err = _fit(
                 cfg,
                 cell,
@@ -188,7 +190,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
             if err is not None:
                 raise err
             evals = [r for r in history if "eval_loss" in r]
-            params_init = jax.jit(model.init)(jax.random.key(seed), x[:1])["params"]
+            params_init = init(jax.random.key(seed), x[:1])["params"]
             return {
                 "test_mse": evals[-1]["eval_loss"],
                 "init_slope": _curves(model, params_init, x, y)["slope"],
@@ -217,7 +219,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
 
     # 2. the sigma_max sweep (tanh RNN at init)
     model = RecurrentReadout("rnn", cfg.hidden)
-    base = jax.jit(model.init)(jax.random.key(cfg.seed), x[:1])["params"]
+    base = inits["rnn"](jax.random.key(cfg.seed), x[:1])["params"]
     for sigma in cfg.sigmas:
         params = _set_sigma(base, sigma)
         c = _curves(model, params, x, y)
