@@ -4,7 +4,9 @@
 by ``python -m experiments`` with its ``TOUR`` overrides (``--quick``: its ``QUICK`` ones)
 into ``runs/tour/NAME/``, in ``TOUR_ORDER``. A finished experiment is not rerun, an
 unfinished one resumes from its checkpoints, so an interrupted tour continues where it
-stopped. A failing experiment is reported and the tour goes on.
+stopped. A failing experiment is reported and the tour goes on. ``--jobs N`` (``make run``:
+2) runs N experiments at a time, each in its own process, their output in
+``runs/tour/logs/NAME.log``.
 
 The report opens with one table of the notes' claims (`NOTES_TOPICS`): what each
 experiment's ``claims(results, cfg)`` checked at tour size, pass or fail, and beside it the
