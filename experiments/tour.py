@@ -268,6 +268,11 @@ def _claims_block(entry: dict) -> list[str]:
     return lines + [""]
 
 
+def _cell(text: str) -> str:
+    """Text for one markdown table cell: a ``|`` (as in ``||dL/ds_k||``) would end the cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def claims_table(entries: list[dict]) -> list[str]:
     """The notes' claims at a glance: one row per claim, every topic of the notes listed."""
     full_runs = read_full_runs()
@@ -290,12 +295,12 @@ def claims_table(entries: list[dict]) -> list[str]:
             rows.append(
                 (
                     order(c.topic),
-                    f"| {c.topic} | {c.claim} | [{e['name']}](#{e['name']}) | "
-                    f"{'pass' if c.holds else '**FAIL**'} | {c.evidence} | "
+                    f"| {_cell(c.topic)} | {_cell(c.claim)} | [{e['name']}](#{e['name']}) | "
+                    f"{'pass' if c.holds else '**FAIL**'} | {_cell(c.evidence)} | "
                     + (
                         "not recorded"
                         if f is None
-                        else f"{'pass' if f.holds else 'FAIL'}: {f.evidence}"
+                        else f"{'pass' if f.holds else 'FAIL'}: {_cell(f.evidence)}"
                     )
                     + " |",
                 )
@@ -306,8 +311,9 @@ def claims_table(entries: list[dict]) -> list[str]:
                     rows.append(
                         (
                             order(c.topic),
-                            f"| {c.topic} | {c.claim} | [{e['name']}](#{e['name']}) | "
-                            f"full size only | | {'pass' if c.holds else 'FAIL'}: {c.evidence} |",
+                            f"| {_cell(c.topic)} | {_cell(c.claim)} | [{e['name']}](#{e['name']}) "
+                            f"| full size only | | {'pass' if c.holds else 'FAIL'}: "
+                            f"{_cell(c.evidence)} |",
                         )
                     )
         if "claims_error" in e or (e["status"] == "failed" and hasattr(e["module"], "claims")):
