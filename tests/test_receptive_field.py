@@ -44,6 +44,24 @@ def test_quick_run_measures_the_vgg_claims(tmp_path):
     assert (tmp_path / "r" / "accuracy.png").exists()
 
 
+def test_tour_configuration_checks_the_untrained_claims_only(tmp_path):
+    from experiments.receptive_field import TOUR, Config, claims, report
+
+    c = 8
+    results = runs.run_experiment(
+        "receptive_field", {**TOUR, "width": c}, tmp_path / "r", progress=False
+    )
+    assert results["training"] == {} and "claims" not in results
+    rf = results["receptive_field"]
+    assert rf["3x3x3"]["extent"] == rf["7x7"]["extent"] == [7, 7]
+    out = claims(results, Config(**TOUR, width=c))
+    assert len(out) == 2 and all(cl.holds and cl.seeds is None for cl in out)
+    md = report(results, runs.RunDir(tmp_path / "r"))
+    assert "No training in this run (`--no-train`)" in md and "accuracy.png" not in md
+    assert (tmp_path / "r" / "receptive_fields.png").exists()
+    assert not (tmp_path / "r" / "accuracy.png").exists()
+
+
 def test_accuracy_gap_standard_error():
     from experiments.receptive_field import accuracy_gap
 
