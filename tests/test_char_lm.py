@@ -74,7 +74,7 @@ def test_claims_beat_a_fixed_order_by_two_standard_errors():
     (c,) = char_lm.claims(_results(lstm), cfg)
     assert c.topic in NOTES_TOPICS
     assert c.holds and c.seeds == 3
-    assert "3-gram" in c.claim and "500 steps" in c.claim and "3 seeds;" in c.claim
+    assert "3-gram" in c.claim and f"{cfg.steps} steps" in c.claim and "3 seeds;" in c.claim
     assert f"2.810 ± {se:.3f} (3 seeds)" in c.evidence
     assert "beats the 1-gram, 2-gram, 3-gram; not yet the 4-gram 2.541, 5-gram 2.266" in c.evidence
 

@@ -47,6 +47,7 @@ def test_quick_run_end_to_end(tmp_path):
     d = np.subtract(ft, sc)
     assert claim.holds == (d.mean() > 2 * d.std(ddof=1) / np.sqrt(2)) and claim.seeds == 2
     assert claim.topic == "Transfer learning" and "2 label(s) per class" in claim.claim
+    assert claim.key == "mnist_new_classes/2"  # the tour meets the full run's same cell by it
 
 
 def test_settings_and_models():
