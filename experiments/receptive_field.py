@@ -167,12 +167,26 @@ def accuracy_gap(small: list[float], large: list[float]) -> dict:
 
 def run(cfg: Config, run_dir: runs.RunDir) -> dict:
     stacks = measure_stacks(cfg)
-    if not cfg.train:
-        _plots(stacks, {}, run_dir)
-        for s in stacks.values():
-            del s["rf_map"]
-        return {"width": cfg.width, "receptive_field": stacks, "training": {},
-                "config": runs._config_json(cfg)}  # fmt: skip
+    out = {"width": cfg.width, "receptive_field": stacks, "training": {}}
+    if cfg.train:
+        training, n_train = _train_nets(cfg, run_dir)
+        checks = {}
+        for small, large in PAIRS:
+            checks[f"{small}_vs_{large}"] = {
+                "same_receptive_field": stacks[small]["extent"] == stacks[large]["extent"],
+                "fewer_weights": stacks[small]["kernel_weights"] < stacks[large]["kernel_weights"],
+                "fewer_params_in_trained_net": training[small]["params"] < training[large]["params"],
+                **accuracy_gap(training[small]["test_accuracies"], training[large]["test_accuracies"]),
+            }  # fmt: skip
+        out |= {"train_examples": n_train, "training": training, "claims": checks}
+    _plots(stacks, out["training"], run_dir)
+    for s in stacks.values():
+        del s["rf_map"]  # plotted; too bulky for results.json
+    return out | {"config": runs._config_json(cfg)}
+
+
+def _train_nets(cfg: Config, run_dir: runs.RunDir) -> tuple[dict, int]:
+    """The four nets trained for ``cfg.seeds`` seeds each: (per-net results, training images)."""
     ds = data.load_digits(size=cfg.image_size, seed=cfg.seed)
     if cfg.train_examples:  # fewer labels: a task that is not saturated at ~99%
         ds = ds.take_train(cfg.train_examples, arg="train_examples")
@@ -216,25 +230,7 @@ def run(cfg: Config, run_dir: runs.RunDir) -> dict:
             "runtime_s": float(np.sum([r["runtime_s"] for r in per_seed])),
         }
 
-    checks = {}
-    for small, large in PAIRS:
-        checks[f"{small}_vs_{large}"] = {
-            "same_receptive_field": stacks[small]["extent"] == stacks[large]["extent"],
-            "fewer_weights": stacks[small]["kernel_weights"] < stacks[large]["kernel_weights"],
-            "fewer_params_in_trained_net": training[small]["params"] < training[large]["params"],
-            **accuracy_gap(training[small]["test_accuracies"], training[large]["test_accuracies"]),
-        }
-    _plots(stacks, training, run_dir)
-    for s in stacks.values():
-        del s["rf_map"]  # plotted; too bulky for results.json
-    return {
-        "width": cfg.width,
-        "train_examples": len(ds.y_train),
-        "receptive_field": stacks,
-        "training": training,
-        "claims": checks,
-        "config": runs._config_json(cfg),
-    }
+    return training, len(ds.y_train)
 
 
 def closed_form(layers: int, kernel: int, channels: int) -> tuple[int, int]:
@@ -333,14 +329,23 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
             f"{s['kernel_weights']:,} | {s['kernel_weights_per_C2']:g} |"
         )
     cfg = runs.config_from_args(sys.modules[__name__], results.get("config", {}))
-    if not results["training"]:
+    if results["training"]:
+        lines += _training_table(results, cfg)
+    else:
         lines += ["", "No training in this run (`--no-train`): the accuracy comparison is the "
                   "full run's.", ""]  # fmt: skip
-        lines += [f"- {'pass' if c.holds else '**FAIL**'}: {c.claim}. {c.evidence}"
-                  for c in claims(results, cfg)]  # fmt: skip
-        return "\n".join(lines + ["", "![receptive fields](receptive_fields.png)"])
+    for cl in claims(results, cfg):
+        lines.append(f"- {'pass' if cl.holds else '**FAIL**'}: {cl.claim}. {cl.evidence}")
+    lines += ["", "![receptive fields](receptive_fields.png)"]
+    if results["training"]:
+        lines += ["", "![test error](accuracy.png)"]
+    return "\n".join(lines)
+
+
+def _training_table(results: dict, cfg: Config) -> list[str]:
+    c = results["width"]
     n = len(next(iter(results["training"].values()))["test_accuracies"])
-    lines += [
+    lines = [
         "",
         f"Training: digits at {cfg.image_size}x{cfg.image_size}, "
         f"{results.get('train_examples', '?')} training images, width {c}, {cfg.blocks} "
@@ -357,11 +362,7 @@ def report(results: dict, run_dir: runs.RunDir) -> str:
             else f"{accs[0]:.4f} (one seed: no standard error)"
         )  # fmt: skip
         lines.append(f"| {name} | {t['params']:,} | {acc} | {t['train_accuracy']:.4f} |")
-    lines.append("")
-    for cl in claims(results, cfg):
-        lines.append(f"- {'pass' if cl.holds else '**FAIL**'}: {cl.claim}. {cl.evidence}")
-    lines += ["", "![receptive fields](receptive_fields.png)", "", "![test error](accuracy.png)"]
-    return "\n".join(lines)
+    return lines + [""]
 
 
 if __name__ == "__main__":
