@@ -8,6 +8,7 @@ built (a broken build fails here rather than hiding behind skips).
 """
 
 import functools
+import os
 import platform
 import shutil
 import subprocess
@@ -156,6 +157,38 @@ def test_models_outputs_and_gradients_unchanged(name, key):
     np.testing.assert_allclose(logits_o, logits_x, rtol=1e-4, atol=1e-4)
     for a, b in zip(jax.tree.leaves(g_o), jax.tree.leaves(g_x), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.abs(b).max()) + 1e-6)
+
+
+CROSS_THREAD_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jaxnets import models
+import jaxnets.ops.conv as ops_conv
+model = models.VGG(cfg=(16, "M", 32, "M", 64), num_classes=5, batch_norm=True, head="small",
+                   dropout=0.0)
+x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 8, 8, 1)), jnp.float32)
+v = model.init(jax.random.key(0), x, train=False)
+def loss(p):
+    out, _ = model.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2)
+for _ in range(3):
+    got = jax.jit(jax.grad(loss))(v["params"])
+with ops_conv.default_impl("xla"):
+    want = jax.jit(jax.grad(loss))(v["params"])
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.abs(b).max()) + 1e-6)
+"""
+
+
+@needs_onednn
+def test_primitives_run_on_any_xla_thread():
+    """XLA runs each custom call on whichever of its threads is free, so a primitive built on
+    one thread runs on another. With oneDNN's thread-local ("library") scratchpad this
+    training step of the README's transfer model segfaulted in the gemm-based kernel gradient
+    of the 2x2x32->64 layer; the extension now passes its own scratchpad. In a subprocess,
+    so that a crash fails this test rather than the test worker."""
+    proc = subprocess.run([sys.executable, "-c", CROSS_THREAD_SCRIPT], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
 
 
 THREADS_SCRIPT = """

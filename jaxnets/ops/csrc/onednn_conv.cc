@@ -9,14 +9,22 @@
 //
 // Primitives are built once per (shape, stride, padding) and cached. Calls are serialised
 // by one mutex: oneDNN runs each call on its own OpenMP team over all cores, so two XLA
-// threads calling at once would only oversubscribe the cores (and the library-managed
-// scratchpad is shared).
+// threads calling at once would only oversubscribe the cores.
+//
+// Scratchpads are ours ("user" mode), one grow-only buffer shared by all primitives (calls
+// are serialised). oneDNN's default "library" mode keeps a thread-local scratchpad, sized
+// in the thread that created the primitive: XLA runs a custom call on whichever of its
+// threads is free, and a primitive executed on another thread than its creator ran on that
+// thread's scratchpad, smaller or absent (a segfault in the gemm-based kernel gradient of
+// small layers, seen in the README's transfer example; tests/test_onednn.py keeps it).
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -46,10 +54,52 @@ struct Problem {
   auto key() const { return std::make_tuple(n, h, w, c, kh, kw, o, sh, sw, pt, pb, pl, pr); }
 };
 
+// Every primitive keeps its scratchpad in our buffer (see the top of the file).
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// The shared scratchpad, at least `bytes` long (64-byte aligned); callers hold the mutex.
+void* Scratch(size_t bytes) {
+  static void* buf = nullptr;
+  static size_t size = 0;
+  if (bytes > size) {
+    std::free(buf);
+    size = (bytes + 63) / 64 * 64;
+    buf = std::aligned_alloc(64, size);
+    if (buf == nullptr) {
+      size = 0;
+      throw dnnl::error(dnnl_out_of_memory, "could not allocate the convolution scratchpad");
+    }
+  }
+  return buf;
+}
+
+// A primitive with its scratchpad layout, run with the shared scratchpad.
+struct Step {
+  dnnl::primitive prim;
+  dnnl::memory::desc scratch;
+  void Run(dnnl::stream& s, std::unordered_map<int, dnnl::memory> args) const {
+    args.insert({DNNL_ARG_SCRATCHPAD, dnnl::memory(scratch, Engine(), Scratch(scratch.get_size()))});
+    prim.execute(s, args);
+  }
+};
+
+// A reorder between two kernel layouts (empty when they are the same).
+Step MakeReorder(const dnnl::memory::desc& from, const dnnl::memory::desc& to) {
+  if (from == to) return Step{};
+  dnnl::reorder::primitive_desc pd(Engine(), from, Engine(), to, UserScratchpad());
+  return Step{dnnl::reorder(pd), pd.scratchpad_desc()};
+}
+
 struct Primitives {
   dnnl::memory::desc src, wei, dst;             // the user's layouts: NHWC, HWIO, NHWC
   dnnl::memory::desc wei_fwd, wei_bwd_data, wei_bwd_w;  // the layouts the primitives chose
-  dnnl::primitive fwd, bwd_data, bwd_w;
+  Step fwd, bwd_data, bwd_w;
+  // HWIO -> the forward's and backward-data's kernel layouts; backward-weights' -> HWIO.
+  Step to_fwd, to_bwd_data, from_bwd_w;
   // Kernel buffers in the chosen layouts, allocated once (calls are serialised).
   dnnl::memory k_fwd, k_bwd_data, k_bwd_w;
 };
@@ -65,21 +115,26 @@ Primitives& Get(const Problem& p) {
   dnnl::memory::desc any({p.o, p.c, p.kh, p.kw}, dt::f32, tag::any);
   dnnl::memory::dims strides{p.sh, p.sw}, lo{p.pt, p.pl}, hi{p.pb, p.pr};
   auto alg = dnnl::algorithm::convolution_direct;
+  auto attr = UserScratchpad();
   dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training,
-                                                alg, q->src, any, q->dst, strides, lo, hi);
+                                                alg, q->src, any, q->dst, strides, lo, hi,
+                                                attr);
   dnnl::convolution_backward_data::primitive_desc bwd_data(Engine(), alg, q->src, any, q->dst,
-                                                           strides, lo, hi, fwd);
+                                                           strides, lo, hi, fwd, attr);
   dnnl::convolution_backward_weights::primitive_desc bwd_w(Engine(), alg, q->src, any, q->dst,
-                                                           strides, lo, hi, fwd);
+                                                           strides, lo, hi, fwd, attr);
   q->wei_fwd = fwd.weights_desc();
   q->wei_bwd_data = bwd_data.weights_desc();
   q->wei_bwd_w = bwd_w.diff_weights_desc();
   q->k_fwd = dnnl::memory(q->wei_fwd, Engine());
   q->k_bwd_data = dnnl::memory(q->wei_bwd_data, Engine());
   q->k_bwd_w = dnnl::memory(q->wei_bwd_w, Engine());
-  q->fwd = dnnl::convolution_forward(fwd);
-  q->bwd_data = dnnl::convolution_backward_data(bwd_data);
-  q->bwd_w = dnnl::convolution_backward_weights(bwd_w);
+  q->fwd = Step{dnnl::convolution_forward(fwd), fwd.scratchpad_desc()};
+  q->bwd_data = Step{dnnl::convolution_backward_data(bwd_data), bwd_data.scratchpad_desc()};
+  q->bwd_w = Step{dnnl::convolution_backward_weights(bwd_w), bwd_w.scratchpad_desc()};
+  q->to_fwd = MakeReorder(q->wei, q->wei_fwd);
+  q->to_bwd_data = MakeReorder(q->wei, q->wei_bwd_data);
+  q->from_bwd_w = MakeReorder(q->wei_bwd_w, q->wei);
   auto& ref = *q;
   cache.emplace(p.key(), std::move(q));
   return ref;
@@ -95,11 +150,11 @@ dnnl::stream& Stream() {
 }
 
 // The user's HWIO kernel in the layout of `buffer` (reordered into it when they differ).
-dnnl::memory KernelAs(const Primitives& q, dnnl::memory& buffer, const void* ptr,
-                      dnnl::stream& s) {
+dnnl::memory KernelAs(const Primitives& q, const Step& reorder, dnnl::memory& buffer,
+                      const void* ptr, dnnl::stream& s) {
   dnnl::memory user = Wrap(q.wei, ptr);
-  if (buffer.get_desc() == q.wei) return user;
-  dnnl::reorder(user, buffer).execute(s, user, buffer);
+  if (!reorder.prim) return user;
+  reorder.Run(s, {{DNNL_ARG_FROM, user}, {DNNL_ARG_TO, buffer}});
   return buffer;
 }
 
@@ -137,9 +192,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   return Guarded([&] {
     Primitives& q = Get(p);
     dnnl::stream& s = Stream();
-    q.fwd.execute(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
-                      {DNNL_ARG_WEIGHTS, KernelAs(q, q.k_fwd, k.typed_data(), s)},
-                      {DNNL_ARG_DST, Wrap(q.dst, y->typed_data())}});
+    q.fwd.Run(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
+                  {DNNL_ARG_WEIGHTS, KernelAs(q, q.to_fwd, q.k_fwd, k.typed_data(), s)},
+                  {DNNL_ARG_DST, Wrap(q.dst, y->typed_data())}});
     s.wait();
   });
 }
@@ -155,9 +210,10 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
   return Guarded([&] {
     Primitives& q = Get(p);
     dnnl::stream& s = Stream();
-    q.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, Wrap(q.dst, dy.typed_data())},
-                           {DNNL_ARG_WEIGHTS, KernelAs(q, q.k_bwd_data, k.typed_data(), s)},
-                           {DNNL_ARG_DIFF_SRC, Wrap(q.src, dx->typed_data())}});
+    q.bwd_data.Run(
+        s, {{DNNL_ARG_DIFF_DST, Wrap(q.dst, dy.typed_data())},
+            {DNNL_ARG_WEIGHTS, KernelAs(q, q.to_bwd_data, q.k_bwd_data, k.typed_data(), s)},
+            {DNNL_ARG_DIFF_SRC, Wrap(q.src, dx->typed_data())}});
     s.wait();
   });
 }
@@ -174,12 +230,12 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     Primitives& q = Get(p);
     dnnl::stream& s = Stream();
     dnnl::memory user = Wrap(q.wei, dk->typed_data());
-    bool same = q.wei_bwd_w == q.wei;
+    bool same = !q.from_bwd_w.prim;
     dnnl::memory out = same ? user : q.k_bwd_w;
-    q.bwd_w.execute(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
-                        {DNNL_ARG_DIFF_DST, Wrap(q.dst, dy.typed_data())},
-                        {DNNL_ARG_DIFF_WEIGHTS, out}});
-    if (!same) dnnl::reorder(out, user).execute(s, out, user);
+    q.bwd_w.Run(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
+                    {DNNL_ARG_DIFF_DST, Wrap(q.dst, dy.typed_data())},
+                    {DNNL_ARG_DIFF_WEIGHTS, out}});
+    if (!same) q.from_bwd_w.Run(s, {{DNNL_ARG_FROM, out}, {DNNL_ARG_TO, user}});
     s.wait();
   });
 }
