@@ -61,11 +61,13 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
-// The shared scratchpad, at least `bytes` long (64-byte aligned); callers hold the mutex.
-void* Scratch(size_t bytes) {
-  static void* buf = nullptr;
-  static size_t size = 0;
-  if (bytes > size) {
+// The shared scratchpad (64-byte aligned). It grows only in Get, when a new problem's
+// primitives are built, so no call frees it while a primitive uses it; callers hold the mutex.
+struct Scratchpad {
+  void* buf = nullptr;
+  size_t size = 0;
+  void Reserve(size_t bytes) {
+    if (bytes <= size) return;
     std::free(buf);
     size = (bytes + 63) / 64 * 64;
     buf = std::aligned_alloc(64, size);
@@ -74,7 +76,11 @@ void* Scratch(size_t bytes) {
       throw dnnl::error(dnnl_out_of_memory, "could not allocate the convolution scratchpad");
     }
   }
-  return buf;
+};
+
+Scratchpad& Scratch() {
+  static Scratchpad pad;
+  return pad;
 }
 
 // A primitive with its scratchpad layout, run with the shared scratchpad.
@@ -82,7 +88,7 @@ struct Step {
   dnnl::primitive prim;
   dnnl::memory::desc scratch;
   void Run(dnnl::stream& s, std::unordered_map<int, dnnl::memory> args) const {
-    args.insert({DNNL_ARG_SCRATCHPAD, dnnl::memory(scratch, Engine(), Scratch(scratch.get_size()))});
+    args.insert({DNNL_ARG_SCRATCHPAD, dnnl::memory(scratch, Engine(), Scratch().buf)});
     prim.execute(s, args);
   }
 };
@@ -135,6 +141,9 @@ Primitives& Get(const Problem& p) {
   q->to_fwd = MakeReorder(q->wei, q->wei_fwd);
   q->to_bwd_data = MakeReorder(q->wei, q->wei_bwd_data);
   q->from_bwd_w = MakeReorder(q->wei_bwd_w, q->wei);
+  for (const Step* step : {&q->fwd, &q->bwd_data, &q->bwd_w, &q->to_fwd, &q->to_bwd_data,
+                           &q->from_bwd_w})
+    if (step->prim) Scratch().Reserve(step->scratch.get_size());
   auto& ref = *q;
   cache.emplace(p.key(), std::move(q));
   return ref;
