@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from flax import struct, traverse_util
 from jaxtyping import Array, Float, Int
 
 from jaxnets import distributed
@@ -55,6 +55,7 @@ __all__ = [
     "make_train_step",
     "make_eval_step",
     "evaluate",
+    "recalibrate_batch_stats",
     "make_optimizer",
     "per_member",
     "he_schedule",
@@ -671,6 +672,89 @@ def evaluate(eval_step, state: TrainState, batches: Iterable[Batch], mesh=None) 
     if total == 0:
         raise ValueError("evaluate: no eval batches (or every mask is False)")
     return {k: v / total for k, v in sums.items()}
+
+
+_MOMENTS: dict = {}
+
+
+def _moments_fn(model, forward):
+    """The jitted training-mode forward returning ``batch_moments``, one per (model, forward)
+    (the entry keeps both alive, so their ids stay theirs)."""
+    key = (id(model), id(forward))
+    if key not in _MOMENTS:
+        apply = _applier(model, forward)
+
+        @jax.jit
+        def moments(v, batch):
+            _, upd = apply(v, batch, True, {"dropout": jax.random.key(0)},
+                           ["batch_stats", "batch_moments"])  # fmt: skip
+            return upd.get("batch_moments", {})
+
+        _MOMENTS[key] = (model, forward, moments)
+    return _MOMENTS[key][2]
+
+
+def recalibrate_batch_stats(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    batches: Iterable[Batch],
+    *,
+    forward: Forward | None = None,
+) -> dict:
+    """BatchNorm statistics of the current parameters, in place of the running averages.
+
+    The running averages of training mix the statistics of the last ~1/momentum steps'
+    parameters; after fast training (few steps, a high rate) they can be far from the
+    statistics of the final network, and inference-mode accuracy suffers. This runs the
+    training-mode forward over ``batches`` with the parameters fixed and returns
+    ``batch_stats`` where every BatchNorm layer that ran in training mode holds the mean and
+    the unbiased variance (n / (n - 1), PyTorch's convention) of its input over all the
+    examples of all batches, combined exactly across batches of any sizes (pairwise update of
+    counts, means and sums of squared deviations, in float64). Layers that ran in inference
+    mode (frozen ones under a transfer ``forward``) keep theirs. PyTorch's counterpart is
+    ``torch.optim.swa_utils.update_bn`` (which averages per-batch variances instead).
+
+    Args:
+      model: the Flax module (its BatchNorm layers are `jaxnets.models.BatchNorm`).
+      variables: ``{"params", "batch_stats"}``.
+      batches: the examples, e.g. the training set in chunks (no padding: every row counts).
+      forward: as in `make_train_step`.
+    Returns:
+      the new ``batch_stats`` (same tree as ``variables["batch_stats"]``).
+    """
+    if "batch_stats" not in variables:
+        raise ValueError("recalibrate_batch_stats: variables have no 'batch_stats' (no BatchNorm)")
+    moments = _moments_fn(model, forward)
+    acc: dict = {}
+    for batch in batches:
+        flat = traverse_util.flatten_dict(jax.device_get(moments(variables, batch)))
+        for path, calls in flat.items():
+            for mean_b, var_b, n_b in calls:  # one entry per call of a shared layer
+                mean_b, n_b = np.asarray(mean_b, np.float64), float(n_b)
+                m2_b = np.asarray(var_b, np.float64) * n_b
+                if path not in acc:
+                    acc[path] = [n_b, mean_b, m2_b]
+                    continue
+                n_a, mean_a, m2_a = acc[path]
+                n = n_a + n_b
+                delta = mean_b - mean_a
+                acc[path] = [
+                    n,
+                    mean_a + delta * (n_b / n),
+                    m2_a + m2_b + delta**2 * (n_a * n_b / n),
+                ]
+    if not acc:
+        raise ValueError(
+            "recalibrate_batch_stats: no BatchNorm layer ran in training mode (empty batches, or "
+            "every layer frozen)"
+        )
+    stats = traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(variables["batch_stats"])))
+    for path, (n, mean, m2) in acc.items():
+        module = path[:-1]  # (..., "moments") -> the layer's path
+        for name, value in (("mean", mean), ("var", m2 / max(n - 1.0, 1.0))):
+            old = stats[(*module, name)]
+            stats[(*module, name)] = jnp.asarray(value, dtype=old.dtype)
+    return traverse_util.unflatten_dict(stats)
 
 
 # --- the loop --------------------------------------------------------------------------------

@@ -966,6 +966,7 @@ def fit_members(
     loss_fn: train.LossFn = train.cross_entropy_loss,
     eval_chunk: int = 250,
     snapshots: bool = False,
+    recalibrate_bn: bool = False,
 ) -> MembersResult:
     """Train M independent copies ("members") of one transfer setup with one compiled step.
 
@@ -998,6 +999,10 @@ def fit_members(
       eval_sets: ``{name: {"x", "y"}}`` (may be empty) scored (accuracy, every member) after every
         ``eval_every`` updates; ``num_steps``
         must be a multiple of ``eval_every``.
+      recalibrate_bn: score (and snapshot) each member with BatchNorm statistics recomputed
+        from its whole training set at the current parameters
+        (`jaxnets.train.recalibrate_batch_stats`, the phase's forward, so frozen layers keep
+        theirs) instead of the running averages; training itself is unchanged.
     """
     for g in setup.config.new:
         if setup.learning_rates[g] != 1.0:
@@ -1081,13 +1086,16 @@ def fit_members(
             if (k + 1) % eval_every == 0:
                 e = (k + 1) // eval_every - 1
                 losses[e, m] = float(metrics["loss"])
+                scored = state.variables
+                if recalibrate_bn and state.batch_stats:
+                    chunks_x = [{"x": xs[j : j + eval_chunk]} for j in range(0, n, eval_chunk)]
+                    scored = {"params": state.params, "batch_stats": train.recalibrate_batch_stats(
+                        model, scored, chunks_x, forward=setup.phases[phase_of[k]].forward)}  # fmt: skip
                 for name, chunks in evals.items():
-                    hits = sum(
-                        float(correct(state.variables, *c)) for c in zip(*chunks, strict=True)
-                    )
+                    hits = sum(float(correct(scored, *c)) for c in zip(*chunks, strict=True))
                     acc[name][e, m] = hits / len(eval_sets[name]["y"])
                 if snapshots:
-                    snaps[e].append(jax.tree.map(np.asarray, state.variables))
+                    snaps[e].append(jax.tree.map(np.asarray, scored))
         finals.append(jax.tree.map(np.asarray, state))
     return MembersResult(
         state=_stack_members(finals), eval_steps=eval_steps,

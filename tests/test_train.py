@@ -19,6 +19,7 @@ import optax
 import pytest
 
 from jaxnets import data, train
+from jaxnets.models import BatchNorm
 from jaxnets.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -536,3 +537,48 @@ def test_masked_cross_entropy_sum_and_count_closed_form():
     assert float(count) == y.size
     with pytest.raises(ValueError, match="targets: expected shape"):
         train.masked_cross_entropy(jnp.asarray(logits), jnp.asarray(y[:, :4]))
+
+
+class _TwoBN(nn.Module):
+    """Dense -> BatchNorm -> tanh -> Dense -> BatchNorm: the second layer's input depends on
+    how the first normalised each batch."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = BatchNorm(name="bn1")(nn.Dense(4, name="d1")(x), train)
+        return BatchNorm(name="bn2")(nn.Dense(3, name="d2")(jnp.tanh(x)), train)
+
+
+def test_recalibrate_batch_stats_equals_numpy_pooled_moments():
+    """Every layer's new statistics are the mean and unbiased variance, over all examples of
+    unequal batches, of its training-mode input: a NumPy loop from the definitions."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((37, 5)) * 3 + 1).astype(np.float32)
+    model = _TwoBN()
+    v = model.init(jax.random.key(1), x[:2], train=True)
+    v = {"params": v["params"], "batch_stats": v["batch_stats"]}
+    sizes = [10, 10, 10, 7]
+    batches = np.split(x, np.cumsum(sizes)[:-1])
+    got = train.recalibrate_batch_stats(model, v, [{"x": b} for b in batches])
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
+    h1 = [b @ p["d1"]["kernel"] + p["d1"]["bias"] for b in batches]
+    h2 = []
+    for h in h1:  # training mode: each batch normalised by its own (biased) statistics
+        z = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * p["bn1"]["scale"] + p["bn1"]["bias"]
+        h2.append(np.tanh(z) @ p["d2"]["kernel"] + p["d2"]["bias"])
+    for name, h in (("bn1", np.concatenate(h1)), ("bn2", np.concatenate(h2))):
+        np.testing.assert_allclose(got[name]["mean"], h.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[name]["var"], h.var(0, ddof=1), rtol=1e-4, atol=1e-6)
+    # the parameters are untouched and the input variables are not modified
+    np.testing.assert_array_equal(v["batch_stats"]["bn1"]["mean"], np.zeros(4))
+
+
+def test_recalibrate_batch_stats_errors():
+    model = _TwoBN()
+    x = np.ones((4, 5), np.float32)
+    v = model.init(jax.random.key(0), x, train=True)
+    with pytest.raises(ValueError, match="no 'batch_stats'"):
+        train.recalibrate_batch_stats(model, {"params": v["params"]}, [{"x": x}])
+    with pytest.raises(ValueError, match="no BatchNorm layer ran in training mode"):
+        train.recalibrate_batch_stats(model, v, [])

@@ -5,6 +5,7 @@ per-group learning rates against closed forms, gradual unfreezing."""
 import fnmatch
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -521,3 +522,55 @@ def test_fit_members_errors(key):
     with pytest.raises(ValueError, match=r"divide num_steps \(4\), got 3"):
         transfer.fit_members(unit, model, stacked, x, y, index, np.ones(2),
                              **{**args, "eval_every": 3})  # fmt: skip
+
+
+def test_fit_members_recalibrated_bn_scores_with_each_training_sets_statistics(key):
+    """recalibrate_bn=True: training is the plain run's (parameters bitwise equal); each
+    snapshot's trained BatchNorm layers hold the mean and unbiased variance of their input
+    over the member's whole training set, read here through the layer's own running update
+    (zero statistics, momentum 0.1, one full-set batch, the freeze forward); the frozen
+    layers keep the initial statistics bitwise; the accuracies are those snapshots'."""
+    model = _vgg()
+    inits = [model.init(jax.random.key(30 + m), jnp.zeros((1, 8, 8, 1))) for m in range(2)]
+    sets = [_images(12, seed=m) for m in range(2)]
+    index = np.stack([np.stack([np.arange(4) + 4 * (k % 3)] * 2) for k in range(6)])
+    tc = transfer.TransferConfig("freeze", new=("stage2", "head"))
+    unit = transfer.configure(tc, GROUPS, inits[0], optimizer="adam", learning_rate=1.0)
+    evals = {"a": _images(7, seed=5)}
+    args = (unit, model, jax.tree.map(lambda *a: np.stack(a), *inits),
+            np.stack([s["x"] for s in sets]), np.stack([s["y"] for s in sets]), index,
+            np.array([1e-2, 3e-3]))  # fmt: skip
+    kw = dict(key=key, eval_sets=evals, eval_every=3, snapshots=True)
+    plain = transfer.fit_members(*args, **kw)
+    recal = transfer.fit_members(*args, **kw, recalibrate_bn=True)
+    forward = unit.phases[0].forward
+    for e in range(2):
+        for m in range(2):
+            got = transfer.member(recal.snapshots[e], m)
+            ref = transfer.member(plain.snapshots[e], m)
+            for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(ref["params"]),
+                            strict=True):  # fmt: skip
+                np.testing.assert_array_equal(a, b)
+            zero = {  # the trained layers' statistics zeroed, the frozen ones' kept
+                k: jax.tree.map(np.zeros_like, v) if "stage2" in k else v
+                for k, v in transfer.flatten_paths(ref["batch_stats"]).items()
+            }
+            zero = flax.traverse_util.unflatten_dict(
+                {tuple(k.split("/")): v for k, v in zero.items()}
+            )
+            _, upd = model.apply({"params": ref["params"], "batch_stats": zero}, sets[m], True,
+                                 mutable=["batch_stats"], method=forward)  # fmt: skip
+            want = transfer.flatten_paths(upd["batch_stats"])
+            init_stats = transfer.flatten_paths(inits[m]["batch_stats"])
+            checked = 0
+            for path, a in transfer.flatten_paths(got["batch_stats"]).items():
+                if "stage1" in path:  # frozen: inference mode, untouched
+                    np.testing.assert_array_equal(a, init_stats[path], err_msg=path)
+                else:
+                    np.testing.assert_allclose(a, want[path] / 0.1, rtol=1e-4, atol=1e-6,
+                                               err_msg=path)  # fmt: skip
+                    checked += 1
+            assert checked == 2  # stage2's BatchNorm: mean and var
+            logits = model.apply(got, evals["a"]["x"], train=False)
+            want_acc = float(np.mean(np.argmax(logits, -1) == evals["a"]["y"]))
+            np.testing.assert_allclose(recal.accuracy["a"][e, m], want_acc)

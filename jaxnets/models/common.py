@@ -111,6 +111,8 @@ class BatchNorm(nn.Module):
     batch_stats ``mean`` (init 0) and ``var`` (init 1). Shapes: ``(..., C)`` -> ``(..., C)``.
     Statistics are computed in float32 (float64 for float64 inputs). Under ``jax.jit`` with the
     batch sharded over devices, the means are global (synchronised BatchNorm for free).
+    In training mode the batch's (mean, biased variance, count) are sown into the
+    ``batch_moments`` collection when it is mutable (`jaxnets.train.recalibrate_batch_stats`).
     """
 
     momentum: float = 0.1
@@ -135,8 +137,10 @@ class BatchNorm(nn.Module):
             mean = jnp.mean(x32, axis=axes)
             # Two-pass variance: E[(x - mu)^2] does not cancel catastrophically like E[x^2] - mu^2.
             var = jnp.mean(jnp.square(x32 - mean.reshape(shape)), axis=axes)
+            n = math.prod(x.shape[:-1])
+            # For jaxnets.train.recalibrate_batch_stats (a no-op unless the collection is mutable).
+            self.sow("batch_moments", "moments", (mean, var, jnp.asarray(n, jnp.float32)))
             if not self.is_initializing():
-                n = math.prod(x.shape[:-1])
                 unbiased = var * (n / max(n - 1, 1))
                 m = self.momentum
                 running_mean.value = (1.0 - m) * running_mean.value + m * mean
