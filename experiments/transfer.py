@@ -38,11 +38,13 @@ initialisation and the batch order; the source network is pretrained once per se
 The seeds and the learning-rate grid of one cell train as one vmapped program
 (`jaxnets.transfer.fit_members`).
 
-``--recalibrate-bn`` (off by default): score every network with BatchNorm statistics recomputed
-at its final parameters (the source network over its training set; each few-shot fit over its
-labelled examples, frozen layers keeping theirs) instead of the running averages, which after
-800 fast Adam steps can lag the final parameters far enough to cost the source network most
-of its test accuracy (`jaxnets.train.recalibrate_batch_stats`).
+BatchNorm statistics (``recalibrate_bn``, on by default; ``--no-recalibrate-bn`` for the
+running averages): every network is scored with statistics recomputed at its final
+parameters (the source network over its training set, each few-shot fit over its labelled
+examples, frozen layers keeping theirs; `jaxnets.train.recalibrate_batch_stats`) instead of
+the running averages, which after fast Adam training lag the final parameters: the MNIST
+source network of setting 2 scored 0.569 with them and 0.963 recalibrated, and scratch at 10
+labels per class 0.547 vs 0.889.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class Config:
     unfreeze_every: int = 30
     pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
-    recalibrate_bn: bool = False
+    recalibrate_bn: bool = True
 
 
 QUICK = {
