@@ -126,6 +126,19 @@ def test_bar_check_closed_form():
     ]
     # the third setting and MNIST-1D are reported, not part of the bar
     assert exp.check_bar({"digits_to_mnist": entry(0.5, 0.6, 0.6, 0.0)})["passed"] == {}
+    # two networks: each against its own scratch, and the best transfer cell of either
+    # against the stronger scratch (the ResNet's weak scratch 0.3 does not count there)
+    vgg = {**entry(0.55, 0.58, 0.58, 0.01), "network": "vgg"}
+    res = {**entry(0.30, 0.59, 0.59, 0.01), "network": "resnet"}
+    bar = exp.check_bar({"mnist_new_classes": vgg, "mnist_new_classes_resnet": res})
+    assert bar["passed"] == {"mnist_new_classes": False, "mnist_new_classes_resnet": True}
+    assert bar["passed_any_network"] == {"mnist_new_classes": False}  # 0.59 - 0.55 < 0.05
+    row = bar["mnist_new_classes_any_network"][0]
+    assert row["scratch"] == "vgg" and row["best"].endswith("(resnet)")
+    np.testing.assert_allclose(row["gain"], 0.04)
+    np.testing.assert_allclose(row["se"], np.hypot(0.01, 0.01))
+    one = exp.check_bar({"mnist_new_classes": vgg})
+    assert "passed_any_network" not in one
 
 
 def test_mnist_full_reads_the_idx_files(tmp_path):
