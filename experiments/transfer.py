@@ -91,8 +91,8 @@ class Config:
 
     Command line: ``python -m experiments.transfer [--seeds 5] [--settings mnist_new_classes]
     [--networks vgg] [--data mnist-full --data-dir DIR]``
-    Runtime: 22.5 min wall (1468 s user CPU) on 2 shared CPU cores; ``--quick``: about
-    45 s CPU (mostly compilation); the tour (setting 1 at 2 labels, 3 seeds, scratch /
+    Runtime: 26.8 min wall (2295 s user CPU) on 2 quiet CPU cores, 12.0 of them the
+    ResNet-8; ``--quick``: about 45 s CPU (mostly compilation); the tour (setting 1 at 2 labels, 3 seeds, scratch /
     finetune / freeze; at 1 label the paired difference was within 2 SE over 3 seeds):
     80 s wall in the 2-job tour.
     Expected (measured, test accuracy, mean over 5 seeds, scratch vs the best of finetune /
