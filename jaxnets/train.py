@@ -725,9 +725,11 @@ def recalibrate_batch_stats(
     if "batch_stats" not in variables:
         raise ValueError("recalibrate_batch_stats: variables have no 'batch_stats' (no BatchNorm)")
     moments = _moments_fn(model, forward)
+    # moments sown by an earlier apply (mutable=True) would be appended to: start without them
+    v = {k: x for k, x in variables.items() if k != "batch_moments"}
     acc: dict = {}
     for batch in batches:
-        flat = traverse_util.flatten_dict(jax.device_get(moments(variables, batch)))
+        flat = traverse_util.flatten_dict(jax.device_get(moments(v, batch)))
         for path, calls in flat.items():
             for mean_b, var_b, n_b in calls:  # one entry per call of a shared layer
                 mean_b, n_b = np.asarray(mean_b, np.float64), float(n_b)

@@ -572,6 +572,10 @@ def test_recalibrate_batch_stats_equals_numpy_pooled_moments():
         np.testing.assert_allclose(got[name]["var"], h.var(0, ddof=1), rtol=1e-4, atol=1e-6)
     # the parameters are untouched and the input variables are not modified
     np.testing.assert_array_equal(v["batch_stats"]["bn1"]["mean"], np.zeros(4))
+    # moments left in the variables by an earlier apply(mutable=True) do not count
+    _, upd = model.apply(v, x[:3] * 100, train=True, mutable=True)
+    again = train.recalibrate_batch_stats(model, {**v, **upd}, [{"x": b} for b in batches])
+    np.testing.assert_allclose(again["bn1"]["var"], got["bn1"]["var"], rtol=1e-6)
 
 
 def test_recalibrate_batch_stats_errors():
