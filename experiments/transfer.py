@@ -230,7 +230,7 @@ def _stack(trees: list) -> dict:
 # --- the runs --------------------------------------------------------------------------------
 
 
-def source_stats(cfg: Config, model, variables: dict, source: data.Dataset) -> dict:
+def source_stats(model, variables: dict, source: data.Dataset) -> dict:
     """``--recalibrate-bn``: the source network's BatchNorm statistics recomputed over its
     whole training set at the final parameters (`jaxnets.train.recalibrate_batch_stats`)."""
     x = source.train["x"]
@@ -249,13 +249,8 @@ def pretrain(cfg: Config, model, source: data.Dataset, sub: runs.RunDir) -> dict
         log_every=max(1, cfg.pretrain_steps // 10), checkpoint_every=cfg.pretrain_steps,
         desc="pretrain",
     )  # fmt: skip
-    state, extra = res.state, {}
-    if cfg.recalibrate_bn:
-        extra["source_accuracy_running_stats"] = trainer.evaluate(
-            state, data.eval_batches(source.test, 250))["accuracy"]  # fmt: skip
-        state = state.replace(batch_stats=source_stats(cfg, model, state.variables, source))
-    acc = trainer.evaluate(state, data.eval_batches(source.test, 250))["accuracy"]
-    return {"source_accuracy": acc, **extra, "wall_s": res.wall_s, "cpu_s": res.cpu_s,
+    acc = trainer.evaluate(res.state, data.eval_batches(source.test, 250))["accuracy"]
+    return {"source_accuracy_running_stats": acc, "wall_s": res.wall_s, "cpu_s": res.cpu_s,
             "params": res.num_params}  # fmt: skip
 
 
@@ -323,8 +318,10 @@ def run_setting(cfg: Config, name: str, network: str, run_dir: runs.RunDir) -> d
     src_model = make_model(cfg, network, source.num_classes, spatial)
     pre = run_dir.sub_run(f"{tag}-pretrain", lambda sub: pretrain(cfg, src_model, source, sub))
     pretrained = transfer.load_checkpoint(run_dir.sub(f"{tag}-pretrain"))
-    if cfg.recalibrate_bn and "batch_stats" in pretrained:  # as pretrain scored it
-        pretrained = {**pretrained, "batch_stats": source_stats(cfg, src_model, pretrained, source)}
+    source_acc = pre["source_accuracy_running_stats"]
+    if cfg.recalibrate_bn and "batch_stats" in pretrained:  # scored and transferred as such
+        pretrained = {**pretrained, "batch_stats": source_stats(src_model, pretrained, source)}
+        source_acc = accuracy(src_model, pretrained, source.test)
     model = make_model(cfg, network, target.num_classes, spatial)
     groups, new, keep = make_groups(cfg, network)
     init = jax.jit(model.init)
@@ -357,7 +354,9 @@ def run_setting(cfg: Config, name: str, network: str, run_dir: runs.RunDir) -> d
         entry[f"{method}_seeds"] = a.tolist()
         entry["chosen"][method] = chosen
     entry.update({
-        "source_accuracy": pre["source_accuracy"], "params": train.count_params(fresh[0]["params"]),
+        "source_accuracy": source_acc,
+        "source_accuracy_running_stats": pre["source_accuracy_running_stats"],
+        "params": train.count_params(fresh[0]["params"]),
         "new_groups": list(new), "train_pool": len(pool), "validation": len(val),
         "test": len(target.y_test), "runtime_s": time.perf_counter() - t0,
     })  # fmt: skip
