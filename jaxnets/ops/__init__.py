@@ -6,6 +6,8 @@
   products on CPU (reference: ``jax.lax.conv_general_dilated``).
 - `jaxnets.ops.pool.max_pool`: max pooling with a one-pass gradient for tiled windows
   (reference: ``flax.linen.max_pool``).
+- `jaxnets.ops.norm.batch_norm_train`: training-mode BatchNorm with the closed-form
+  backward pass (reference: ``jax.grad`` through the two-pass formula).
 """
 
 from jaxnets.ops.conv import Conv
