@@ -113,3 +113,31 @@ def test_bad_shapes_are_refused_by_name():
         batch_norm_train(x, jnp.ones(3), jnp.zeros((1, 3)))
     with pytest.raises(ValueError, match="batch and a channel axis"):
         batch_norm_train(jnp.zeros(3), jnp.ones(3), jnp.zeros(3))
+
+
+@pytest.mark.parametrize("mean_over_std", [0.0, 3.0, 3.9, 4.5, 20.0])
+def test_float32_statistics_and_gradients_on_both_sides_of_the_one_pass_bound(mean_over_std):
+    # inside |mean| <= 4 std the one-pass sums are used, outside the two-pass ones: both
+    # must stay at float32 accuracy against float64
+    rng = np.random.default_rng(5)
+    shape = (32, 6, 6, 3)
+    x64 = rng.normal(size=shape) * np.array([0.5, 1.0, 2.0]) + mean_over_std * np.array(
+        [0.5, 1.0, 2.0]
+    )
+    x64 = x64.astype(np.float32).astype(np.float64)  # the float32 input, exactly
+    ct = rng.normal(size=shape)
+    s64, b64 = np.array([1.0, -2.0, 0.5]), np.array([0.1, 0.2, 0.3])
+    with jax.enable_x64():
+        want = reference(jnp.asarray(x64), jnp.asarray(s64), jnp.asarray(b64))
+        g_want = jax.grad(lambda x, s: jnp.sum(reference(x, s, jnp.asarray(b64))[0] * ct), (0, 1))(
+            jnp.asarray(x64), jnp.asarray(s64)
+        )
+    x32, s32, b32 = (jnp.asarray(a, jnp.float32) for a in (x64, s64, b64))
+    y, mean, var = batch_norm_train(x32, s32, b32)
+    np.testing.assert_allclose(var, want[2], rtol=1e-4)
+    np.testing.assert_allclose(mean, want[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, want[0], rtol=1e-4, atol=1e-4)
+    g = jax.grad(lambda x, s: jnp.sum(batch_norm_train(x, s, b32)[0] * ct), (0, 1))(x32, s32)
+    scale_x = float(np.max(np.abs(g_want[0])))
+    np.testing.assert_allclose(g[0], g_want[0], atol=1e-4 * scale_x)
+    np.testing.assert_allclose(g[1], g_want[1], rtol=1e-4, atol=1e-3)
