@@ -97,6 +97,93 @@ def test_forward_and_both_gradients_equal_xla(
     _close(got[1], want[1], np.sqrt(np.prod(y.shape[:-1])))
 
 
+def _ref_bias(x, w, b, strides, padding, relu):
+    y = _ref(x, w, strides, padding) + b.reshape((1,) * (x.ndim - 1) + (-1,))
+    return jax.nn.relu(y) if relu else y
+
+
+@needs_onednn
+@settings(max_examples=10, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    size=st.tuples(st.integers(3, 10), st.integers(3, 10)),
+    cin=st.integers(1, 7),
+    cout=st.integers(1, 7),
+    window=st.sampled_from([1, 3, 5]),
+    stride=st.integers(1, 2),
+    pad=st.integers(0, 2),
+    relu=st.booleans(),
+    one_d=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_bias_relu_and_its_gradients_equal_xla(
+    n, size, cin, cout, window, stride, pad, relu, one_d, seed
+):
+    """conv_bias: bias (and ReLU) inside the oneDNN call, the bias gradient from the kernel
+    gradient's call; against conv + bias (+ relu) in float64."""
+    d = 1 if one_d else 2
+    shape, kshape = (n, *size[:d], cin), (window,) * d + (cin, cout)
+    s, padding = (stride,) * d, ((pad, pad),) * d
+    if any(m + 2 * pad < window for m in shape[1:-1]):
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(kshape).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    f = functools.partial(ops_conv.conv_bias, strides=s, padding=padding, impl="onednn", relu=relu)
+    with jax.enable_x64(True):
+        args64 = [jnp.asarray(a, jnp.float64) for a in (x, w, b)]
+        y = _ref_bias(*args64, s, padding, relu)
+        ct = rng.standard_normal(y.shape)
+        want = jax.grad(lambda *a: jnp.sum(_ref_bias(*a, s, padding, relu) * ct), (0, 1, 2))(
+            *args64
+        )
+    scale = np.sqrt(np.prod(kshape[:-1]))
+    _close(jax.jit(f)(x, w, b), y, scale)
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * ct.astype(np.float32)), (0, 1, 2)))(x, w, b)
+    _close(got[0], want[0], scale * np.sqrt(cout))
+    _close(got[1], want[1], np.sqrt(np.prod(y.shape[:-1])))
+    _close(got[2], want[2], np.sqrt(np.prod(y.shape[:-1])))
+
+
+@needs_onednn
+def test_conv_bias_second_derivatives_vmap_and_errors():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+
+    def loss(fn):
+        def inner(x, w, b):
+            return jnp.sum(jnp.tanh(fn(x, w, b)) * jnp.cos(jnp.arange(4.0)).reshape(1, 1, 1, 4))
+
+        # d/d(x, w) of |dL/dw|^2 + |dL/db|^2: through both VJPs of the bias variants
+        return lambda x, w, b: (
+            jnp.sum(jax.grad(inner, 1)(x, w, b) ** 2) + jnp.sum(jax.grad(inner, 2)(x, w, b) ** 2)
+        )
+
+    ours = loss(lambda x, w, b: ops_conv.conv_bias(x, w, b, 2, 1, "onednn", relu=True))
+    with jax.enable_x64(True):
+        ref = loss(lambda x, w, b: _ref_bias(x, w, b, (2, 2), ((1, 1),) * 2, True))
+        want = jax.grad(ref, (0, 1))(*(jnp.asarray(a, jnp.float64) for a in (x, w, b)))
+    got = jax.jit(jax.grad(ours, (0, 1)))(x, w, b)
+    for a, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, e, rtol=2e-4, atol=2e-4 * np.abs(e).max())
+    xs = jnp.asarray(rng.standard_normal((3, 2, 5, 5, 3)), jnp.float32)
+    f = functools.partial(ops_conv.conv_bias, strides=1, padding=1, impl="onednn", relu=True)
+    np.testing.assert_allclose(
+        jax.vmap(f, (0, None, None))(xs, w, b),
+        jnp.stack([_ref_bias(xi, w, b, (1, 1), ((1, 1),) * 2, True) for xi in xs]),
+        rtol=1e-5, atol=1e-4,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"bias: expected shape \(4,\)"):
+        ops_conv.conv_bias(x, w, b[:3], 1, 1, "onednn")
+    with pytest.raises(ValueError, match="bias: expected float32"):
+        onednn.conv2d_bias(x, w, b.astype(np.float16), (1, 1), ((1, 1),) * 2)
+    with pytest.raises(ValueError, match="activation: expected None or 'relu'"):
+        ops_conv.Conv(4, (3, 3), activation="gelu").init(jax.random.key(0), x)
+
+
 @needs_onednn
 def test_second_derivatives_equal_xla():
     """grad of grad runs through the custom VJPs (each made of the other two handlers)."""
@@ -201,7 +288,10 @@ w = jnp.asarray(rng.standard_normal((3, 3, 16, 32)), jnp.float32)
 f = lambda x, w: jnp.sum(conv.conv(x, w, 2, 1, impl="onednn") ** 2)
 y = conv.conv(x, w, 2, 1, impl="onednn")
 gx, gw = jax.jit(jax.grad(f, (0, 1)))(x, w)
-np.savez({path!r}, y=y, gx=gx, gw=gw)
+b = jnp.linspace(-1.0, 1.0, 32, dtype=jnp.float32)
+fb = lambda x, w, b: jnp.sum(conv.conv_bias(x, w, b, 2, 1, "onednn", relu=True) ** 2)
+gbx, gbw, gbb = jax.jit(jax.grad(fb, (0, 1, 2)))(x, w, b)
+np.savez({path!r}, y=y, gx=gx, gw=gw, gbx=gbx, gbw=gbw, gbb=gbb)
 """
 
 

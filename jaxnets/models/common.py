@@ -71,6 +71,7 @@ def conv(
     spatial_dims: int = 2,
     use_bias: bool = False,
     dtype: Any = None,
+    activation: str | None = None,
     name: str | None = None,
 ) -> Conv:
     """A ``kernel^d`` convolution with PyTorch's symmetric zero padding (``torch.nn.ConvNd``).
@@ -80,7 +81,8 @@ def conv(
     ``out = floor((n + 2 * padding - kernel) / stride) + 1`` per axis. The kernel is stored as
     ``(*kernel, in, out)`` (HWIO in 2D); weights start from torchvision's Kaiming fan-out normal.
     ``jaxnets.ops.conv.Conv``: ``flax.linen.Conv``'s parameters, with the kernel gradient as
-    chunked matrix products on CPU (faster there; same values).
+    chunked matrix products on CPU (faster there; same values). ``activation="relu"`` applies
+    the ReLU inside the convolution call where oneDNN runs it.
     """
     d = spatial_dims
     return Conv(
@@ -91,6 +93,7 @@ def conv(
         use_bias=use_bias,
         kernel_init=conv_init,
         dtype=dtype,
+        activation=activation,
         name=name,
     )
 

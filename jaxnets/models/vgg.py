@@ -92,13 +92,15 @@ class VGGStage(nn.Module):
 
         def conv_bn_relu(x, width, stride, name, bn_name):
             # torchvision keeps the conv bias even when BatchNorm follows (param parity).
+            # Without BatchNorm the ReLU goes into the convolution (one oneDNN call).
             x = conv(
                 width, k, stride, k // 2,
-                spatial_dims=self.spatial_dims, use_bias=True, dtype=self.dtype, name=name,
+                spatial_dims=self.spatial_dims, use_bias=True, dtype=self.dtype,
+                activation=None if self.batch_norm else "relu", name=name,
             )(x)  # fmt: skip
             if self.batch_norm:
-                x = BatchNorm(dtype=self.dtype, name=bn_name)(x, train)
-            return nn.relu(x)
+                x = nn.relu(BatchNorm(dtype=self.dtype, name=bn_name)(x, train))
+            return x
 
         for i, width in enumerate(self.widths):
             x = conv_bn_relu(x, width, 1, f"conv{i}", f"bn{i}")

@@ -59,6 +59,7 @@ from jaxnets.ops import onednn
 
 __all__ = [
     "conv",
+    "conv_bias",
     "kernel_grad_gemm",
     "Conv",
     "IMPLS",
@@ -227,6 +228,51 @@ def conv(
     and how the kernel gradient is computed (module docstring). ``impl="onednn"`` raises
     a ``RuntimeError`` naming the reason where the oneDNN extension is not available.
     """
+    d, strides, padding, chosen = _prepare(x, kernel, strides, padding, impl)
+    if chosen == "onednn":
+        if d == 1:  # (batch, w, c) as an image of height 1
+            y = onednn.conv2d(x[:, None], kernel[None], (1,) + strides, ((0, 0),) + padding)
+            return y[:, 0]
+        return onednn.conv2d(x, kernel, strides, padding)
+    if chosen == "xla":
+        return _xla_conv(x, kernel, strides, padding)
+    return _conv_gemm(x, kernel, strides, padding)
+
+
+def conv_bias(
+    x: Float[Array, "batch *spatial cin"],
+    kernel: Float[Array, "*window cin cout"],
+    bias: Float[Array, " cout"],
+    strides: Sequence[int] | int = 1,
+    padding: Sequence[tuple[int, int]] | int = 0,
+    impl: str = "auto",
+    relu: bool = False,
+) -> Float[Array, "batch *out cout"]:
+    """``conv(x, kernel, strides, padding, impl) + bias``, then ``jax.nn.relu`` if ``relu``.
+
+    On the oneDNN path that is one call: the bias and the ReLU are applied as the output is
+    written, and the bias gradient comes out of the kernel-gradient call
+    (``jaxnets.ops.onednn.conv2d_bias``); elsewhere it is the three operations in turn.
+    """
+    d, strides, padding, chosen = _prepare(x, kernel, strides, padding, impl)
+    if np.shape(bias) != (np.shape(kernel)[-1],):
+        raise ValueError(
+            f"bias: expected shape ({np.shape(kernel)[-1]},) (the kernel's output channels), "
+            f"got {tuple(np.shape(bias))}"
+        )
+    if chosen == "onednn" and jnp.result_type(bias) == np.float32:
+        if d == 1:
+            y = onednn.conv2d_bias(
+                x[:, None], kernel[None], bias, (1,) + strides, ((0, 0),) + padding, relu
+            )
+            return y[:, 0]
+        return onednn.conv2d_bias(x, kernel, bias, strides, padding, relu)
+    y = conv(x, kernel, strides, padding, chosen) + jnp.reshape(bias, (1,) * (d + 1) + (-1,))
+    return jax.nn.relu(y) if relu else y
+
+
+def _prepare(x, kernel, strides, padding, impl):
+    """Validated (spatial axes, strides, padding) and the implementation ``conv`` runs."""
     d = np.ndim(x) - 2
     if d not in _DIMS:
         raise ValueError(
@@ -258,14 +304,7 @@ def conv(
            zip(np.shape(x)[1:-1], padding, np.shape(kernel)[:-2], strides, strict=True)]  # fmt: skip
     if chosen == "onednn" and impl != "onednn" and (np.shape(x)[0] == 0 or min(out) < 1):
         chosen = "xla"  # an empty result: nothing for oneDNN to do
-    if chosen == "onednn":
-        if d == 1:  # (batch, w, c) as an image of height 1
-            y = onednn.conv2d(x[:, None], kernel[None], (1,) + strides, ((0, 0),) + padding)
-            return y[:, 0]
-        return onednn.conv2d(x, kernel, strides, padding)
-    if chosen == "xla":
-        return _xla_conv(x, kernel, strides, padding)
-    return _conv_gemm(x, kernel, strides, padding)
+    return d, strides, padding, chosen
 
 
 class Conv(nn.Module):
@@ -274,7 +313,8 @@ class Conv(nn.Module):
     Same parameters as ``nn.Conv(features, kernel_size, strides, padding, use_bias)``:
     ``kernel`` ``(*kernel_size, in, features)`` and ``bias`` ``(features,)``; input
     ``(batch, *spatial, in)`` -> ``(batch, *out, features)``. ``padding`` is a sequence of
-    ``(low, high)`` pairs, one per spatial axis.
+    ``(low, high)`` pairs, one per spatial axis. ``activation="relu"`` returns
+    ``relu(conv + bias)``, on the oneDNN path in the same call (:func:`conv_bias`).
     """
 
     features: int
@@ -287,17 +327,24 @@ class Conv(nn.Module):
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros
     impl: str = "auto"
+    activation: str | None = None  # None or "relu"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        if self.activation not in (None, "relu"):
+            raise ValueError(f"activation: expected None or 'relu', got {self.activation!r}")
         shape = tuple(self.kernel_size) + (x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         dtype = self.dtype or jnp.result_type(x, kernel)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            return conv_bias(
+                x.astype(dtype), kernel.astype(dtype), bias.astype(dtype),
+                tuple(self.strides), tuple(self.padding), self.impl,
+                relu=self.activation == "relu",
+            )  # fmt: skip
         y = conv(
             x.astype(dtype), kernel.astype(dtype), tuple(self.strides), tuple(self.padding),
             self.impl,
         )  # fmt: skip
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            y = y + bias.astype(dtype).reshape((1,) * (y.ndim - 1) + (self.features,))
-        return y
+        return nn.relu(y) if self.activation == "relu" else y

@@ -15,6 +15,13 @@ Each is linear in each argument, so each one's VJP is made of the other two:
     kgrad(x, dy):    dx = conv^T(dy, g),   ddy = conv(x, g)
 
 which makes :func:`conv2d` differentiable to any order (``grad`` of ``grad`` included).
+
+:func:`conv2d_bias` adds a bias, and optionally a ReLU, inside the forward call (oneDNN's
+bias and post-op: no separate pass over the output), and its backward pass gets the bias
+gradient sum(dy) from the kernel-gradient call (oneDNN sums dy while it reads it):
+
+    y = relu(conv(x, w) + b):   g' = g * (y > 0),  dx = conv^T(g', w),  (dw, db) = kgrad_b(x, g')
+    kgrad_b(x, dy) = (kgrad(x, dy), sum dy):  dx = conv^T(dy, gw),  ddy = conv(x, gw) + gb
 Forward-mode (``jvp``, ``jacfwd``) is not defined for ``custom_vjp`` functions; JAX says so.
 ``vmap`` runs one call per batch element (``vmap_method="sequential"``).
 
@@ -36,16 +43,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-__all__ = ["available", "unavailable_reason", "conv2d"]
+__all__ = ["available", "unavailable_reason", "conv2d", "conv2d_bias"]
 
 _HANDLERS = {
     "forward": "JaxnetsOnednnConvForward",
     "backward_data": "JaxnetsOnednnConvBackwardData",
     "backward_weights": "JaxnetsOnednnConvBackwardWeights",
+    "forward_bias": "JaxnetsOnednnConvForwardBias",
+    "backward_weights_bias": "JaxnetsOnednnConvBackwardWeightsBias",
 }
+_ABI = 2
 _TARGET = "jaxnets_onednn_conv_{}"
 
 
@@ -87,7 +98,7 @@ def _load() -> str | None:
             ctypes.CDLL(lib, mode=os.RTLD_NOW | ctypes.RTLD_GLOBAL)
         so = ctypes.CDLL(str(ext))
         so.jaxnets_onednn_conv_abi.restype = ctypes.c_int
-        if so.jaxnets_onednn_conv_abi() != 1:
+        if so.jaxnets_onednn_conv_abi() != _ABI:
             return f"{ext.name}: unexpected ABI version; rebuild with `make install`"
         for name, symbol in _HANDLERS.items():
             jax.ffi.register_ffi_target(
@@ -196,7 +207,56 @@ def _bwd_weights_bwd(w_shape, strides, padding, res, g):
     return _bwd_data(dy, g, x.shape, strides, padding), _fwd(x, g, strides, padding)
 
 
+def _call_bias(x, w, b, strides, padding, relu):
+    out = _out_shape(x.shape, w.shape, strides, padding)
+    return jax.ffi.ffi_call(
+        _TARGET.format("forward_bias"),
+        jax.ShapeDtypeStruct(out, np.float32),
+        vmap_method="sequential",
+    )(x, w, b, relu=np.int64(relu), **_attrs(strides, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fwd_bias(x, w, b, strides, padding, relu):
+    return _call_bias(x, w, b, strides, padding, relu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _bwd_weights_bias(x, dy, w_shape, strides, padding):
+    return jax.ffi.ffi_call(
+        _TARGET.format("backward_weights_bias"),
+        (jax.ShapeDtypeStruct(w_shape, np.float32), jax.ShapeDtypeStruct(w_shape[-1:], np.float32)),
+        vmap_method="sequential",
+    )(x, dy, **_attrs(strides, padding))
+
+
+def _fwd_bias_fwd(x, w, b, strides, padding, relu):
+    y = _fwd_bias(x, w, b, strides, padding, relu)
+    return y, (x, w, y)
+
+
+def _fwd_bias_bwd(strides, padding, relu, res, g):
+    x, w, y = res
+    if relu:  # relu'(0) = 0, as jax.nn.relu
+        g = jnp.where(y > 0, g, jnp.zeros_like(g))
+    dw, db = _bwd_weights_bias(x, g, w.shape, strides, padding)
+    return _bwd_data(g, w, x.shape, strides, padding), dw, db
+
+
+def _bwd_weights_bias_fwd(x, dy, w_shape, strides, padding):
+    return _bwd_weights_bias(x, dy, w_shape, strides, padding), (x, dy)
+
+
+def _bwd_weights_bias_bwd(w_shape, strides, padding, res, g):
+    x, dy = res
+    gw, gb = g
+    ddy = _fwd(x, gw, strides, padding) + gb.reshape(1, 1, 1, -1)
+    return _bwd_data(dy, gw, x.shape, strides, padding), ddy
+
+
 _fwd.defvjp(_fwd_fwd, _fwd_bwd)
+_fwd_bias.defvjp(_fwd_bias_fwd, _fwd_bias_bwd)
+_bwd_weights_bias.defvjp(_bwd_weights_bias_fwd, _bwd_weights_bias_bwd)
 _bwd_data.defvjp(_bwd_data_fwd, _bwd_data_bwd)
 _bwd_weights.defvjp(_bwd_weights_fwd, _bwd_weights_bwd)
 
@@ -212,6 +272,31 @@ def conv2d(
 
     Raises ``RuntimeError`` naming the reason when the extension is not available.
     """
+    strides, padding = _check(x, kernel, strides, padding)
+    return _fwd(x, kernel, strides, padding)
+
+
+def conv2d_bias(
+    x: Float[Array, "batch h w cin"],
+    kernel: Float[Array, "kh kw cin cout"],
+    bias: Float[Array, " cout"],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    relu: bool = False,
+) -> Float[Array, "batch oh ow cout"]:
+    """``conv2d(x, kernel, strides, padding) + bias``, then ``jax.nn.relu`` if ``relu``: one
+    oneDNN call forward, the bias gradient from the kernel-gradient call (module docstring).
+    """
+    strides, padding = _check(x, kernel, strides, padding)
+    if bias.shape != (kernel.shape[-1],) or bias.dtype != np.float32:
+        raise ValueError(
+            f"bias: expected float32 of shape ({kernel.shape[-1]},), got {bias.dtype} {bias.shape}"
+        )
+    return _fwd_bias(x, kernel, bias, strides, padding, bool(relu))
+
+
+def _check(x, kernel, strides, padding):
+    """Validated (strides, padding) as tuples; raises naming the argument."""
     reason = _load()
     if reason is not None:
         raise RuntimeError(f"impl='onednn': {reason}")
@@ -232,4 +317,4 @@ def conv2d(
         raise ValueError(
             f"x: shape {x.shape} with kernel {kernel.shape} gives an empty output {out}"
         )
-    return _fwd(x, kernel, strides, padding)
+    return strides, padding

@@ -1,7 +1,10 @@
-// 2-D convolution (NHWC input, HWIO kernel, NHWC output, float32) as three XLA FFI handlers
-// over oneDNN: forward, input gradient ("backward data") and kernel gradient ("backward
-// weights"). jaxnets.ops.onednn loads this library, registers the handlers with
-// jax.ffi and wraps them as differentiable JAX functions.
+// 2-D convolution (NHWC input, HWIO kernel, NHWC output, float32) as XLA FFI handlers over
+// oneDNN: forward, input gradient ("backward data") and kernel gradient ("backward
+// weights"), and two variants with a bias: the forward adding the bias and, optionally,
+// applying a ReLU in the same pass (oneDNN post-op), and the kernel gradient that also
+// returns the bias gradient (the sum of dy, computed while dy is read). jaxnets.ops.onednn
+// loads this library, registers the handlers with jax.ffi and wraps them as differentiable
+// JAX functions.
 //
 // Layouts: activations stay NHWC (oneDNN's "acdb"), which its direct convolutions read
 // without a reorder; the kernel is reordered between HWIO and the blocked layout each
@@ -47,11 +50,16 @@ dnnl::engine& Engine() {
 
 // One convolution problem: input (n, h, w, c), kernel (kh, kw, c, o), strides and
 // (low, high) padding per axis. Output sizes follow floor((h + pt + pb - kh) / sh) + 1.
+// bias: the forward adds a bias (o) and the kernel gradient returns its gradient too;
+// relu: the forward applies max(0, .) to its result (with bias only).
 struct Problem {
   int64_t n, h, w, c, kh, kw, o, sh, sw, pt, pb, pl, pr;
+  bool bias = false, relu = false;
   int64_t oh() const { return (h + pt + pb - kh) / sh + 1; }
   int64_t ow() const { return (w + pl + pr - kw) / sw + 1; }
-  auto key() const { return std::make_tuple(n, h, w, c, kh, kw, o, sh, sw, pt, pb, pl, pr); }
+  auto key() const {
+    return std::make_tuple(n, h, w, c, kh, kw, o, sh, sw, pt, pb, pl, pr, bias, relu);
+  }
 };
 
 // Every primitive keeps its scratchpad in our buffer (see the top of the file).
@@ -102,6 +110,7 @@ Step MakeReorder(const dnnl::memory::desc& from, const dnnl::memory::desc& to) {
 
 struct Primitives {
   dnnl::memory::desc src, wei, dst;             // the user's layouts: NHWC, HWIO, NHWC
+  dnnl::memory::desc bias;                      // (o), when the problem has a bias
   dnnl::memory::desc wei_fwd, wei_bwd_data, wei_bwd_w;  // the layouts the primitives chose
   Step fwd, bwd_data, bwd_w;
   // HWIO -> the forward's and backward-data's kernel layouts; backward-weights' -> HWIO.
@@ -122,13 +131,33 @@ Primitives& Get(const Problem& p) {
   dnnl::memory::dims strides{p.sh, p.sw}, lo{p.pt, p.pl}, hi{p.pb, p.pr};
   auto alg = dnnl::algorithm::convolution_direct;
   auto attr = UserScratchpad();
-  dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training,
-                                                alg, q->src, any, q->dst, strides, lo, hi,
-                                                attr);
+  auto prop = dnnl::prop_kind::forward_training;
+  // The backward primitives are hinted by the forward without post-ops.
+  dnnl::convolution_forward::primitive_desc hint;
+  if (p.bias) {
+    q->bias = dnnl::memory::desc({p.o}, dt::f32, tag::x);
+    hint = dnnl::convolution_forward::primitive_desc(Engine(), prop, alg, q->src, any, q->bias,
+                                                     q->dst, strides, lo, hi, attr);
+  } else {
+    hint = dnnl::convolution_forward::primitive_desc(Engine(), prop, alg, q->src, any, q->dst,
+                                                     strides, lo, hi, attr);
+  }
+  dnnl::convolution_forward::primitive_desc fwd = hint;
+  if (p.relu) {
+    auto fused = UserScratchpad();
+    dnnl::post_ops ops;
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    fused.set_post_ops(ops);
+    fwd = dnnl::convolution_forward::primitive_desc(Engine(), prop, alg, q->src, any, q->bias,
+                                                    q->dst, strides, lo, hi, fused);
+  }
   dnnl::convolution_backward_data::primitive_desc bwd_data(Engine(), alg, q->src, any, q->dst,
-                                                           strides, lo, hi, fwd, attr);
-  dnnl::convolution_backward_weights::primitive_desc bwd_w(Engine(), alg, q->src, any, q->dst,
-                                                           strides, lo, hi, fwd, attr);
+                                                           strides, lo, hi, hint, attr);
+  dnnl::convolution_backward_weights::primitive_desc bwd_w =
+      p.bias ? dnnl::convolution_backward_weights::primitive_desc(
+                   Engine(), alg, q->src, any, q->bias, q->dst, strides, lo, hi, hint, attr)
+             : dnnl::convolution_backward_weights::primitive_desc(
+                   Engine(), alg, q->src, any, q->dst, strides, lo, hi, hint, attr);
   q->wei_fwd = fwd.weights_desc();
   q->wei_bwd_data = bwd_data.weights_desc();
   q->wei_bwd_w = bwd_w.diff_weights_desc();
@@ -249,7 +278,67 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   });
 }
 
+// y = conv(x, k) + b, and max(0, y) when relu != 0, in one oneDNN call.
+ffi::Error ForwardBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> b,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                       int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
+  Problem p;
+  if (auto e = MakeProblem(x.dimensions(), k.dimensions(), sh, sw, pt, pb, pl, pr, &p);
+      e.failure())
+    return e;
+  if (b.dimensions().size() != 1 || b.dimensions()[0] != p.o)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "onednn conv: the bias must have one entry per output channel");
+  p.bias = true;
+  p.relu = relu != 0;
+  return Guarded([&] {
+    Primitives& q = Get(p);
+    dnnl::stream& s = Stream();
+    q.fwd.Run(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
+                  {DNNL_ARG_WEIGHTS, KernelAs(q, q.to_fwd, q.k_fwd, k.typed_data(), s)},
+                  {DNNL_ARG_BIAS, Wrap(q.bias, b.typed_data())},
+                  {DNNL_ARG_DST, Wrap(q.dst, y->typed_data())}});
+    s.wait();
+  });
+}
+
+// (dk, db): the kernel gradient and the bias gradient (sum of dy over n, oh, ow).
+ffi::Error BackwardWeightsBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                               ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db,
+                               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                               int64_t pr) {
+  Problem p;
+  if (auto e = MakeProblem(x.dimensions(), dk->dimensions(), sh, sw, pt, pb, pl, pr, &p);
+      e.failure())
+    return e;
+  if (db->dimensions().size() != 1 || db->dimensions()[0] != p.o)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "onednn conv: the bias gradient must have one entry per output channel");
+  p.bias = true;
+  return Guarded([&] {
+    Primitives& q = Get(p);
+    dnnl::stream& s = Stream();
+    dnnl::memory user = Wrap(q.wei, dk->typed_data());
+    bool same = !q.from_bwd_w.prim;
+    dnnl::memory out = same ? user : q.k_bwd_w;
+    q.bwd_w.Run(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
+                    {DNNL_ARG_DIFF_DST, Wrap(q.dst, dy.typed_data())},
+                    {DNNL_ARG_DIFF_WEIGHTS, out},
+                    {DNNL_ARG_DIFF_BIAS, Wrap(q.bias, db->typed_data())}});
+    if (!same) q.from_bwd_w.Run(s, {{DNNL_ARG_FROM, out}, {DNNL_ARG_TO, user}});
+    s.wait();
+  });
+}
+
 }  // namespace
+
+#define JAXNETS_CONV_ATTRS \
+  .Attr<int64_t>("sh")     \
+      .Attr<int64_t>("sw") \
+      .Attr<int64_t>("pt") \
+      .Attr<int64_t>("pb") \
+      .Attr<int64_t>("pl") \
+      .Attr<int64_t>("pr")
 
 #define JAXNETS_CONV_BINDING                                                           \
   ffi::Ffi::Bind()                                                                      \
@@ -263,11 +352,13 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       .Attr<int64_t>("pl")                                                              \
       .Attr<int64_t>("pr")
 
-// Built with -fvisibility=hidden: only these four symbols are exported.
+// Built with -fvisibility=hidden: only these six symbols are exported.
 #define JAXNETS_EXPORT extern "C" __attribute__((visibility("default")))
 JAXNETS_EXPORT XLA_FFI_Error* JaxnetsOnednnConvForward(XLA_FFI_CallFrame*);
 JAXNETS_EXPORT XLA_FFI_Error* JaxnetsOnednnConvBackwardData(XLA_FFI_CallFrame*);
 JAXNETS_EXPORT XLA_FFI_Error* JaxnetsOnednnConvBackwardWeights(XLA_FFI_CallFrame*);
+JAXNETS_EXPORT XLA_FFI_Error* JaxnetsOnednnConvForwardBias(XLA_FFI_CallFrame*);
+JAXNETS_EXPORT XLA_FFI_Error* JaxnetsOnednnConvBackwardWeightsBias(XLA_FFI_CallFrame*);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsOnednnConvForward, Forward, JAXNETS_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsOnednnConvBackwardData, BackwardData,
@@ -275,5 +366,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsOnednnConvBackwardData, BackwardData,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsOnednnConvBackwardWeights, BackwardWeights,
                               JAXNETS_CONV_BINDING);
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsOnednnConvForwardBias, ForwardBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() JAXNETS_CONV_ATTRS
+                                  .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsOnednnConvBackwardWeightsBias, BackwardWeightsBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() JAXNETS_CONV_ATTRS);
+
 // jaxnets.ops.onednn checks this before registering the handlers.
-JAXNETS_EXPORT int jaxnets_onednn_conv_abi() { return 1; }
+JAXNETS_EXPORT int jaxnets_onednn_conv_abi() { return 2; }
