@@ -4,6 +4,8 @@
   hand-written, chunked backward (reference: ``jax.grad`` through ``jaxnets.rnn.scan_layer``).
 - `jaxnets.ops.conv.conv` / `Conv`: convolution whose kernel gradient is chunked matrix
   products on CPU (reference: ``jax.lax.conv_general_dilated``).
+  `jaxnets.ops.conv.conv_bias`: the same plus a bias and an optional ReLU, inside the
+  oneDNN call where oneDNN runs it.
 - `jaxnets.ops.pool.max_pool`: max pooling with a one-pass gradient for tiled windows
   (reference: ``flax.linen.max_pool``).
 - `jaxnets.ops.norm.batch_norm_train`: training-mode BatchNorm with the closed-form
