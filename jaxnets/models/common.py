@@ -137,8 +137,8 @@ class BatchNorm(nn.Module):
         x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         shape = (1,) * (x.ndim - 1) + (channels,)  # explicit broadcasting: rank promotion is off
         if train:
-            # Two-pass variance (no catastrophic cancellation) and the closed-form backward
-            # pass of jaxnets.ops.norm (equal to autodiff through the formula, fewer passes).
+            # jaxnets.ops.norm: the statistics as one-pass sums while every channel has
+            # |mean| <= 4 std, else the two-pass variance; a closed-form backward pass.
             y, mean, var = batch_norm_train(x32, scale, bias, self.epsilon)
             n = math.prod(x.shape[:-1])
             # For jaxnets.train.recalibrate_batch_stats (a no-op unless the collection is mutable).

@@ -22,6 +22,7 @@ gradient sum(dy) from the kernel-gradient call (oneDNN sums dy while it reads it
 
     y = relu(conv(x, w) + b):   g' = g * (y > 0),  dx = conv^T(g', w),  (dw, db) = kgrad_b(x, g')
     kgrad_b(x, dy) = (kgrad(x, dy), sum dy):  dx = conv^T(dy, gw),  ddy = conv(x, gw) + gb
+
 Forward-mode (``jvp``, ``jacfwd``) is not defined for ``custom_vjp`` functions; JAX says so.
 ``vmap`` runs one call per batch element (``vmap_method="sequential"``).
 
