@@ -3,6 +3,8 @@ and float64."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,17 +41,17 @@ def _weighted(f, cts):
     return loss
 
 
+@pytest.mark.parametrize("two_pass", [False, True])
 @pytest.mark.parametrize("shape", [(9, 3), (4, 5, 6, 3), (2, 3, 4, 3, 5)])
-def test_values_and_gradients_equal_autodiff_in_float64(shape):
+def test_values_and_gradients_equal_autodiff_in_float64(shape, two_pass):
     with jax.enable_x64():
         rng = np.random.default_rng(sum(shape))
         x, scale, bias = _inputs(rng, shape)
         cts = [jnp.asarray(rng.normal(size=s)) for s in (shape, shape[-1:], shape[-1:])]
-        for got, want in zip(
-            batch_norm_train(x, scale, bias), reference(x, scale, bias), strict=True
-        ):
+        bn = functools.partial(batch_norm_train, two_pass=two_pass)
+        for got, want in zip(bn(x, scale, bias), reference(x, scale, bias), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-        g_got = jax.grad(_weighted(batch_norm_train, cts), (0, 1, 2))(x, scale, bias)
+        g_got = jax.grad(_weighted(bn, cts), (0, 1, 2))(x, scale, bias)
         g_want = jax.grad(_weighted(reference, cts), (0, 1, 2))(x, scale, bias)
         for got, want in zip(g_got, g_want, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-11)
@@ -141,3 +143,5 @@ def test_float32_statistics_and_gradients_on_both_sides_of_the_one_pass_bound(me
     scale_x = float(np.max(np.abs(g_want[0])))
     np.testing.assert_allclose(g[0], g_want[0], atol=1e-4 * scale_x)
     np.testing.assert_allclose(g[1], g_want[1], rtol=1e-4, atol=1e-3)
+    _, _, var2 = batch_norm_train(x32, s32, b32, two_pass=True)  # two-pass on request
+    np.testing.assert_allclose(var2, want[2], rtol=1e-4)

@@ -280,6 +280,21 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert result["details"]["rnn"]["jaxnets"]["n"] == 2
 
 
+def test_cnn_parts_quick_times_every_variant_and_restores_the_defaults():
+    """`python -m experiments.bench.cnn_parts --quick`: every variant timed, and the
+    functions it swaps in while tracing are the models' own again afterwards."""
+    import jaxnets.models.common as models_common
+    import jaxnets.ops.conv as ops_conv
+    from experiments.bench import cnn_parts
+
+    before = (models_common.batch_norm_train, ops_conv.conv_bias)
+    times = cnn_parts.main(["--quick"])
+    assert set(times["resnet20"]) == {"ops", "two_pass_vjp", "autodiff"}
+    assert set(times["vgg"]) == {"fused", "separate"}
+    assert all(len(t) == 2 and min(t) > 0 for g in times.values() for t in g.values())
+    assert (models_common.batch_norm_train, ops_conv.conv_bias) == before
+
+
 def test_bench_hugepages_environment():
     """--hugepages adds glibc's huge-page tunable, keeps the others, and is a no-op when
     it is already set (no restart loop)."""

@@ -58,12 +58,15 @@ def _check(x, scale, bias):
 ONE_PASS_MAX_MEAN_OVER_STD = 4.0
 
 
-def _moments(x32: Array) -> tuple[Array, Array, Array]:
+def _moments(x32: Array, two_pass_only: bool) -> tuple[Array, Array, Array]:
     """(mean, biased variance, whether the two-pass variance was used) per channel."""
     axes = tuple(range(x32.ndim - 1))
     bshape = (1,) * (x32.ndim - 1) + (x32.shape[-1],)
     n = x32.size // x32.shape[-1]
     mean = jnp.sum(x32, axis=axes) / n
+    if two_pass_only:
+        var = jnp.mean(jnp.square(x32 - mean.reshape(bshape)), axis=axes)
+        return mean, var, jnp.asarray(True)
     var1 = jnp.maximum(jnp.sum(x32 * x32, axis=axes) / n - mean * mean, 0.0)
     two_pass = jnp.any(mean * mean > ONE_PASS_MAX_MEAN_OVER_STD**2 * var1)
     var = jax.lax.cond(
@@ -74,15 +77,15 @@ def _moments(x32: Array) -> tuple[Array, Array, Array]:
     return mean, var, two_pass
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _bn(x, scale, bias, epsilon):
-    return _bn_fwd(x, scale, bias, epsilon)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn(x, scale, bias, epsilon, two_pass_only):
+    return _bn_fwd(x, scale, bias, epsilon, two_pass_only)[0]
 
 
-def _bn_fwd(x, scale, bias, epsilon):
+def _bn_fwd(x, scale, bias, epsilon, two_pass_only):
     ct = jnp.promote_types(x.dtype, jnp.float32)
     x32 = x.astype(ct)
-    mean, var, two_pass = _moments(x32)
+    mean, var, two_pass = _moments(x32, two_pass_only)
     r = jax.lax.rsqrt(var + epsilon)
     bshape = (1,) * (x.ndim - 1) + (x.shape[-1],)
     g = (r * scale.astype(ct)).reshape(bshape)
@@ -90,7 +93,7 @@ def _bn_fwd(x, scale, bias, epsilon):
     return (y, mean, var), (x, mean, r, scale, bias, two_pass)
 
 
-def _bn_bwd(epsilon, saved, cts):
+def _bn_bwd(epsilon, two_pass_only, saved, cts):
     del epsilon
     x, mean, r, scale, bias, two_pass = saved
     dy, dmean, dvar = cts
@@ -101,12 +104,17 @@ def _bn_bwd(epsilon, saved, cts):
     x32 = x.astype(ct)
     dy32 = dy.astype(ct)
     dbias = jnp.sum(dy32, axis=axes)
+
     # sum(dy * (x - mean)), by the one-pass form inside the bound (no centred copy of x)
-    dcentred = jax.lax.cond(
-        two_pass,
-        lambda: jnp.sum(dy32 * (x32 - mean.reshape(bshape)), axis=axes),
-        lambda: jnp.sum(dy32 * x32, axis=axes) - mean * dbias,
-    )
+    def centred():
+        return jnp.sum(dy32 * (x32 - mean.reshape(bshape)), axis=axes)
+
+    if two_pass_only:
+        dcentred = centred()
+    else:
+        dcentred = jax.lax.cond(
+            two_pass, centred, lambda: jnp.sum(dy32 * x32, axis=axes) - mean * dbias
+        )
     dscale = dcentred * r
     s = r * scale.astype(ct)
     # dx = s (dy - d_bias / n) + (x - mean) (2 d_var / n - s r d_scale / n) + d_mean / n
@@ -129,8 +137,14 @@ def batch_norm_train(
     scale: Float[Array, " channels"],
     bias: Float[Array, " channels"],
     epsilon: float = 1e-5,
+    *,
+    two_pass: bool = False,
 ) -> tuple[Float[Array, "*batch channels"], Float[Array, " channels"], Float[Array, " channels"]]:
-    """``(y, batch mean, biased batch variance)`` of training-mode BatchNorm (module docstring)."""
+    """``(y, batch mean, biased batch variance)`` of training-mode BatchNorm (module docstring).
+
+    ``two_pass=True`` always takes the two-pass variance (and the centred d_scale), as
+    ``flax.linen.BatchNorm(use_fast_variance=False)`` does.
+    """
     x, scale, bias = jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias)
     _check(x, scale, bias)
-    return _bn(x, scale, bias, float(epsilon))
+    return _bn(x, scale, bias, float(epsilon), bool(two_pass))
