@@ -228,7 +228,11 @@ def conv(
     and how the kernel gradient is computed (module docstring). ``impl="onednn"`` raises
     a ``RuntimeError`` naming the reason where the oneDNN extension is not available.
     """
-    d, strides, padding, chosen = _prepare(x, kernel, strides, padding, impl)
+    return _run(x, kernel, *_prepare(x, kernel, strides, padding, impl))
+
+
+def _run(x, kernel, d, strides, padding, chosen):
+    """The convolution by the implementation ``_prepare`` chose."""
     if chosen == "onednn":
         if d == 1:  # (batch, w, c) as an image of height 1
             y = onednn.conv2d(x[:, None], kernel[None], (1,) + strides, ((0, 0),) + padding)
@@ -267,7 +271,7 @@ def conv_bias(
             )
             return y[:, 0]
         return onednn.conv2d_bias(x, kernel, bias, strides, padding, relu)
-    y = conv(x, kernel, strides, padding, chosen) + jnp.reshape(bias, (1,) * (d + 1) + (-1,))
+    y = _run(x, kernel, d, strides, padding, chosen) + jnp.reshape(bias, (1,) * (d + 1) + (-1,))
     return jax.nn.relu(y) if relu else y
 
 

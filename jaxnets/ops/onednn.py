@@ -146,12 +146,16 @@ def _attrs(strides, padding) -> dict:
                                            (*strides, pt, pb, pl, pr), strict=True)}  # fmt: skip
 
 
-def _call(name: str, out_shape, a, b, strides, padding):
-    return jax.ffi.ffi_call(
-        _TARGET.format(name),
-        jax.ShapeDtypeStruct(out_shape, np.float32),
-        vmap_method="sequential",
-    )(a, b, **_attrs(strides, padding))
+def _call(name: str, out_shapes, args, strides, padding, **extra):
+    """The handler ``name`` on ``args``; ``out_shapes``: one float32 result's shape, or a
+    list of them for several results."""
+    if isinstance(out_shapes, list):
+        out = tuple(jax.ShapeDtypeStruct(o, np.float32) for o in out_shapes)
+    else:
+        out = jax.ShapeDtypeStruct(out_shapes, np.float32)
+    return jax.ffi.ffi_call(_TARGET.format(name), out, vmap_method="sequential")(
+        *args, **_attrs(strides, padding), **extra
+    )
 
 
 def _out_shape(x_shape, k_shape, strides, padding):
@@ -167,17 +171,18 @@ def _out_shape(x_shape, k_shape, strides, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _fwd(x, w, strides, padding):
-    return _call("forward", _out_shape(x.shape, w.shape, strides, padding), x, w, strides, padding)
+    out = _out_shape(x.shape, w.shape, strides, padding)
+    return _call("forward", out, (x, w), strides, padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _bwd_data(dy, w, x_shape, strides, padding):
-    return _call("backward_data", x_shape, dy, w, strides, padding)
+    return _call("backward_data", x_shape, (dy, w), strides, padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _bwd_weights(x, dy, w_shape, strides, padding):
-    return _call("backward_weights", w_shape, x, dy, strides, padding)
+    return _call("backward_weights", w_shape, (x, dy), strides, padding)
 
 
 def _fwd_fwd(x, w, strides, padding):
@@ -208,27 +213,15 @@ def _bwd_weights_bwd(w_shape, strides, padding, res, g):
     return _bwd_data(dy, g, x.shape, strides, padding), _fwd(x, g, strides, padding)
 
 
-def _call_bias(x, w, b, strides, padding, relu):
-    out = _out_shape(x.shape, w.shape, strides, padding)
-    return jax.ffi.ffi_call(
-        _TARGET.format("forward_bias"),
-        jax.ShapeDtypeStruct(out, np.float32),
-        vmap_method="sequential",
-    )(x, w, b, relu=np.int64(relu), **_attrs(strides, padding))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _fwd_bias(x, w, b, strides, padding, relu):
-    return _call_bias(x, w, b, strides, padding, relu)
+    out = _out_shape(x.shape, w.shape, strides, padding)
+    return _call("forward_bias", out, (x, w, b), strides, padding, relu=np.int64(relu))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _bwd_weights_bias(x, dy, w_shape, strides, padding):
-    return jax.ffi.ffi_call(
-        _TARGET.format("backward_weights_bias"),
-        (jax.ShapeDtypeStruct(w_shape, np.float32), jax.ShapeDtypeStruct(w_shape[-1:], np.float32)),
-        vmap_method="sequential",
-    )(x, dy, **_attrs(strides, padding))
+    return _call("backward_weights_bias", [w_shape, w_shape[-1:]], (x, dy), strides, padding)
 
 
 def _fwd_bias_fwd(x, w, b, strides, padding, relu):

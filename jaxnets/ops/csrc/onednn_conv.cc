@@ -220,6 +220,50 @@ ffi::Error Guarded(F&& f) {
   return ffi::Error::Success();
 }
 
+// y = conv(x, k), plus b (when not null; then p.bias) and the ReLU post-op when p.relu.
+ffi::Error RunForward(const Problem& p, const float* x, const float* k, const float* b,
+                      float* y) {
+  return Guarded([&] {
+    Primitives& q = Get(p);
+    dnnl::stream& s = Stream();
+    std::unordered_map<int, dnnl::memory> args{
+        {DNNL_ARG_SRC, Wrap(q.src, x)},
+        {DNNL_ARG_WEIGHTS, KernelAs(q, q.to_fwd, q.k_fwd, k, s)},
+        {DNNL_ARG_DST, Wrap(q.dst, y)}};
+    if (b != nullptr) args.insert({DNNL_ARG_BIAS, Wrap(q.bias, b)});
+    q.fwd.Run(s, std::move(args));
+    s.wait();
+  });
+}
+
+// dk (and db = sum of dy over n, oh, ow, when not null; then p.bias) for input x and
+// output cotangent dy.
+ffi::Error RunBackwardWeights(const Problem& p, const float* x, const float* dy, float* dk,
+                              float* db) {
+  return Guarded([&] {
+    Primitives& q = Get(p);
+    dnnl::stream& s = Stream();
+    dnnl::memory user = Wrap(q.wei, dk);
+    bool same = !q.from_bwd_w.prim;
+    dnnl::memory out = same ? user : q.k_bwd_w;
+    std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, Wrap(q.src, x)},
+                                               {DNNL_ARG_DIFF_DST, Wrap(q.dst, dy)},
+                                               {DNNL_ARG_DIFF_WEIGHTS, out}};
+    if (db != nullptr) args.insert({DNNL_ARG_DIFF_BIAS, Wrap(q.bias, db)});
+    q.bwd_w.Run(s, std::move(args));
+    if (!same) q.from_bwd_w.Run(s, {{DNNL_ARG_FROM, out}, {DNNL_ARG_TO, user}});
+    s.wait();
+  });
+}
+
+// A (o) buffer: one entry per output channel, or an error naming it.
+ffi::Error CheckPerChannel(ffi::Span<const int64_t> dims, int64_t o, const char* what) {
+  if (dims.size() == 1 && dims[0] == o) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    std::string("onednn conv: ") + what +
+                        " must have one entry per output channel");
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                    int64_t pl, int64_t pr) {
@@ -227,14 +271,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   if (auto e = MakeProblem(x.dimensions(), k.dimensions(), sh, sw, pt, pb, pl, pr, &p);
       e.failure())
     return e;
-  return Guarded([&] {
-    Primitives& q = Get(p);
-    dnnl::stream& s = Stream();
-    q.fwd.Run(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
-                  {DNNL_ARG_WEIGHTS, KernelAs(q, q.to_fwd, q.k_fwd, k.typed_data(), s)},
-                  {DNNL_ARG_DST, Wrap(q.dst, y->typed_data())}});
-    s.wait();
-  });
+  return RunForward(p, x.typed_data(), k.typed_data(), nullptr, y->typed_data());
 }
 
 // dx = the input gradient for output cotangent dy; dx's buffer gives the input's shape.
@@ -264,18 +301,7 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   if (auto e = MakeProblem(x.dimensions(), dk->dimensions(), sh, sw, pt, pb, pl, pr, &p);
       e.failure())
     return e;
-  return Guarded([&] {
-    Primitives& q = Get(p);
-    dnnl::stream& s = Stream();
-    dnnl::memory user = Wrap(q.wei, dk->typed_data());
-    bool same = !q.from_bwd_w.prim;
-    dnnl::memory out = same ? user : q.k_bwd_w;
-    q.bwd_w.Run(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
-                    {DNNL_ARG_DIFF_DST, Wrap(q.dst, dy.typed_data())},
-                    {DNNL_ARG_DIFF_WEIGHTS, out}});
-    if (!same) q.from_bwd_w.Run(s, {{DNNL_ARG_FROM, out}, {DNNL_ARG_TO, user}});
-    s.wait();
-  });
+  return RunBackwardWeights(p, x.typed_data(), dy.typed_data(), dk->typed_data(), nullptr);
 }
 
 // y = conv(x, k) + b, and max(0, y) when relu != 0, in one oneDNN call.
@@ -286,23 +312,13 @@ ffi::Error ForwardBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Bu
   if (auto e = MakeProblem(x.dimensions(), k.dimensions(), sh, sw, pt, pb, pl, pr, &p);
       e.failure())
     return e;
-  if (b.dimensions().size() != 1 || b.dimensions()[0] != p.o)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "onednn conv: the bias must have one entry per output channel");
+  if (auto e = CheckPerChannel(b.dimensions(), p.o, "the bias"); e.failure()) return e;
   p.bias = true;
   p.relu = relu != 0;
-  return Guarded([&] {
-    Primitives& q = Get(p);
-    dnnl::stream& s = Stream();
-    q.fwd.Run(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
-                  {DNNL_ARG_WEIGHTS, KernelAs(q, q.to_fwd, q.k_fwd, k.typed_data(), s)},
-                  {DNNL_ARG_BIAS, Wrap(q.bias, b.typed_data())},
-                  {DNNL_ARG_DST, Wrap(q.dst, y->typed_data())}});
-    s.wait();
-  });
+  return RunForward(p, x.typed_data(), k.typed_data(), b.typed_data(), y->typed_data());
 }
 
-// (dk, db): the kernel gradient and the bias gradient (sum of dy over n, oh, ow).
+// (dk, db): the kernel gradient and the bias gradient.
 ffi::Error BackwardWeightsBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db,
                                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
@@ -311,23 +327,11 @@ ffi::Error BackwardWeightsBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
   if (auto e = MakeProblem(x.dimensions(), dk->dimensions(), sh, sw, pt, pb, pl, pr, &p);
       e.failure())
     return e;
-  if (db->dimensions().size() != 1 || db->dimensions()[0] != p.o)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "onednn conv: the bias gradient must have one entry per output channel");
+  if (auto e = CheckPerChannel(db->dimensions(), p.o, "the bias gradient"); e.failure())
+    return e;
   p.bias = true;
-  return Guarded([&] {
-    Primitives& q = Get(p);
-    dnnl::stream& s = Stream();
-    dnnl::memory user = Wrap(q.wei, dk->typed_data());
-    bool same = !q.from_bwd_w.prim;
-    dnnl::memory out = same ? user : q.k_bwd_w;
-    q.bwd_w.Run(s, {{DNNL_ARG_SRC, Wrap(q.src, x.typed_data())},
-                    {DNNL_ARG_DIFF_DST, Wrap(q.dst, dy.typed_data())},
-                    {DNNL_ARG_DIFF_WEIGHTS, out},
-                    {DNNL_ARG_DIFF_BIAS, Wrap(q.bias, db->typed_data())}});
-    if (!same) q.from_bwd_w.Run(s, {{DNNL_ARG_FROM, out}, {DNNL_ARG_TO, user}});
-    s.wait();
-  });
+  return RunBackwardWeights(p, x.typed_data(), dy.typed_data(), dk->typed_data(),
+                            db->typed_data());
 }
 
 }  // namespace
